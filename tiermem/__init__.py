@@ -1,0 +1,1 @@
+"""tiermem: tiered-memory offloading for LLM inference (placeholder, filled in by the foundation)."""
