@@ -1,0 +1,1 @@
+"""Route prediction: trace format and importers, baseline and learned predictors, evaluation."""
