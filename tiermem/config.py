@@ -147,6 +147,10 @@ def _convert(value: Any, hint: Any, unit: str | None, where: str) -> Any:
         args = typing.get_args(hint)
         item = args[0]
         return tuple(_convert(v, item, unit, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config {where}: expected a table/dict, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where=where)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):

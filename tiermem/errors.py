@@ -40,4 +40,8 @@ class TransferError(TierMemError):
 
 
 class InjectedFault(TransferError):
-    """A failure injected on purpose by the ``faulty`` tier."""
+    """An I/O failure injected on purpose by the ``faulty`` tier."""
+
+
+class TraceError(TierMemError, ValueError):
+    """A routing trace, an importer's input or a predictor's input is malformed or inconsistent."""

@@ -1,0 +1,394 @@
+"""What this host has for tiered memory: NUMA nodes, memory tiers, GPUs, CXL, devdax and RDMA devices.
+
+Invariants:
+- ``discover`` reads plain files under a sysfs root (and checks device nodes under a dev root); it runs
+  no subprocess, so fixture trees in tests describe hosts exactly.
+- The result is an immutable tree of frozen dataclasses. "Unknown" is ``None``, never ``-1``.
+- A malformed file costs only its item: that node/GPU/device is skipped with a warning on the
+  ``tiermem.topology`` logger. A missing optional attribute is ``None`` without a warning. Only a sysfs
+  root that does not exist raises.
+- GPUs are listed in PCI-address order; that is CUDA's ordinal order when ``CUDA_DEVICE_ORDER=PCI_BUS_ID``.
+- A CXL *candidate* is a CPU-less NUMA node with memory. That is how a CXL expander in system-RAM mode
+  appears, but other memory-only nodes (e.g. GPU memory on Grace Hopper) look the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterable, Mapping, TypeVar
+
+from tiermem.errors import TopologyError
+
+logger = logging.getLogger("tiermem.topology")
+
+T = TypeVar("T")
+
+# GT/s per lane -> (PCIe generation, GB/s per lane per direction after line encoding).
+_PCIE_GENERATIONS: dict[float, tuple[int, float]] = {
+    2.5: (1, 0.25), 5.0: (2, 0.5), 8.0: (3, 0.985), 16.0: (4, 1.969),
+    32.0: (5, 3.938), 64.0: (6, 7.563), 128.0: (7, 15.125),
+}
+# PCI class prefixes of GPUs: VGA, 3D controller, display controller (AMD Instinct reports 0x0380).
+_GPU_CLASS_PREFIXES = ("0x0300", "0x0302", "0x0380")
+_hex_or_decimal = functools.partial(int, base=0)  # CXL sizes are "0x..." hex, dax sizes decimal
+_VM_SIGNATURES = (
+    "qemu", "kvm", "firecracker", "vmware", "xen", "virtualbox", "bochs", "amazon ec2",
+    "google compute engine", "openstack", "parallels", "cloud hypervisor", "virtual machine",
+)
+_PARAVIRT_CLOCKSOURCES = {"kvm-clock": "KVM", "xen": "Xen", "hyperv_clocksource_tsc_page": "Hyper-V"}
+
+
+class GpuVendor(str, enum.Enum):
+    """GPU vendors recognised by their PCI vendor id."""
+
+    NVIDIA = "0x10de"
+    AMD = "0x1002"
+
+
+@dataclass(frozen=True)
+class NumaNode:
+    """One NUMA node. ``distances`` maps every online node id to the kernel's distance (10 = local)."""
+
+    node_id: int
+    cpus: tuple[int, ...]
+    memory_total_bytes: int
+    memory_free_bytes: int
+    distances: Mapping[int, int] = dataclasses.field(hash=False)
+    _JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("has_cpus", "is_cxl_candidate")
+
+    @property
+    def has_cpus(self) -> bool:
+        return bool(self.cpus)
+
+    @property
+    def is_cxl_candidate(self) -> bool:
+        """CPU-less with memory: how a CXL expander in system-RAM mode appears (see module docstring)."""
+        return not self.cpus and self.memory_total_bytes > 0
+
+
+@dataclass(frozen=True)
+class MemoryTier:
+    """One Linux memory tier (``memory_tierN``); a lower id is a faster tier."""
+
+    tier_id: int
+    node_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PcieLink:
+    """A PCIe link as sysfs reports it, with its generation and theoretical one-direction bandwidth."""
+
+    speed_gts: float
+    width: int
+    _JSON_PROPERTIES: ClassVar[tuple[str, ...]] = ("generation", "bandwidth_gbps")
+
+    @property
+    def generation(self) -> int | None:
+        entry = _PCIE_GENERATIONS.get(self.speed_gts)
+        return entry[0] if entry else None
+
+    @property
+    def bandwidth_gbps(self) -> float | None:
+        """GB/s in one direction after line encoding, before protocol overhead (~87% is reachable)."""
+        entry = _PCIE_GENERATIONS.get(self.speed_gts)
+        return round(entry[1] * self.width, 3) if entry else None
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """A GPU found on the PCI bus. ``current_link`` may run slower than ``max_link`` while idle."""
+
+    pci_address: str
+    vendor: GpuVendor
+    device_id: str
+    numa_node: int | None
+    current_link: PcieLink | None
+    max_link: PcieLink | None
+
+
+@dataclass(frozen=True)
+class CxlDevice:
+    """A device on the CXL bus (memdev, port, decoder, region...); sizes exist only for memdevs."""
+
+    name: str
+    ram_size_bytes: int | None
+    pmem_size_bytes: int | None
+    numa_node: int | None
+
+
+@dataclass(frozen=True)
+class DaxDevice:
+    """A devdax device; ``target_node`` is the NUMA node its memory joins when onlined as system RAM."""
+
+    name: str
+    size_bytes: int
+    target_node: int | None
+    numa_node: int | None
+    char_device_present: bool
+
+
+@dataclass(frozen=True)
+class RdmaPort:
+    """One port of an RDMA device; ``rate_gbit_s`` is in gigabits per second, as the kernel reports it."""
+
+    port: int
+    state: str | None
+    rate_gbit_s: float | None
+    link_layer: str | None
+
+
+@dataclass(frozen=True)
+class RdmaDevice:
+    """An RDMA device from ``/sys/class/infiniband``."""
+
+    name: str
+    numa_node: int | None
+    ports: tuple[RdmaPort, ...]
+
+
+@dataclass(frozen=True)
+class VmGuess:
+    """Best-effort guess whether the host is a virtual machine; ``evidence`` says what it rests on."""
+
+    is_vm: bool
+    evidence: str
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Everything ``discover`` found under one sysfs root."""
+
+    sysfs_root: Path
+    nodes: tuple[NumaNode, ...]
+    memory_tiers: tuple[MemoryTier, ...]
+    gpus: tuple[Gpu, ...]
+    cxl_devices: tuple[CxlDevice, ...]
+    dax_devices: tuple[DaxDevice, ...]
+    rdma_devices: tuple[RdmaDevice, ...]
+    vm: VmGuess
+
+    def node(self, node_id: int) -> NumaNode:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise TopologyError(
+            f"topology: NUMA node {node_id} does not exist under {self.sysfs_root}; "
+            f"existing nodes: {', '.join(str(n.node_id) for n in self.nodes) or 'none'}. "
+            f"Pick one of those (see `tiermem topo`)."
+        )
+
+    def gpu_numa_node(self, index: int = 0) -> int | None:
+        """NUMA node of the ``index``-th GPU in PCI order; ``None`` where sysfs does not say (VMs)."""
+        if not 0 <= index < len(self.gpus):
+            raise TopologyError(
+                f"topology: GPU index {index} requested but {len(self.gpus)} GPU(s) found under "
+                f"{self.sysfs_root / 'bus/pci/devices'}; use an index below {len(self.gpus)}."
+            )
+        return self.gpus[index].numa_node
+
+    def cxl_candidate_nodes(self) -> tuple[NumaNode, ...]:
+        return tuple(node for node in self.nodes if node.is_cxl_candidate)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (derived flags included; mapping keys become strings)."""
+        return _plain(self)
+
+
+def discover(sysfs_root: Path = Path("/sys"), dev_root: Path = Path("/dev")) -> Topology:
+    """Read this host's topology from ``sysfs_root`` (``dev_root`` is only checked for dax nodes)."""
+    sysfs_root, dev_root = Path(sysfs_root), Path(dev_root)
+    if not sysfs_root.is_dir():
+        raise TopologyError(
+            f"topology: sysfs root {sysfs_root} does not exist or is not a directory; "
+            f"pass the directory where sysfs is mounted (normally /sys)."
+        )
+    node_dir = sysfs_root / "devices/system/node"
+    online = _read_optional(node_dir / "online", parse_id_list)
+    node_paths = _children(node_dir, r"node(\d+)")
+    online_ids = online if online is not None else tuple(sorted(_index(p) for p in node_paths))
+    return Topology(
+        sysfs_root=sysfs_root,
+        nodes=_each(node_paths, "NUMA node", lambda p: _numa_node(p, online_ids)),
+        memory_tiers=_each(
+            _children(sysfs_root / "devices/virtual/memory_tiering", r"memory_tier(\d+)"),
+            "memory tier", lambda p: MemoryTier(_index(p), parse_id_list((p / "nodelist").read_text())),
+        ),
+        gpus=_each(sorted((sysfs_root / "bus/pci/devices").glob("*")), "PCI device", _gpu),
+        cxl_devices=_each(_children(sysfs_root / "bus/cxl/devices", r".+"), "CXL device", _cxl_device),
+        dax_devices=_each(
+            _children(sysfs_root / "bus/dax/devices", r"dax\d+\.\d+"), "dax device",
+            lambda p: _dax_device(p, dev_root),
+        ),
+        rdma_devices=_each(_children(sysfs_root / "class/infiniband", r".+"), "RDMA device", _rdma_device),
+        vm=_guess_vm(sysfs_root),
+    )
+
+
+def parse_id_list(text: str) -> tuple[int, ...]:
+    """Parse a kernel id list such as ``"0-3,8,10-11"`` (empty means none) into sorted ids."""
+    ids: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, sep, last = part.partition("-")
+        low, high = int(first), int(last) if sep else int(first)
+        if low < 0 or high < low:
+            raise ValueError(f"bad range {part!r} in id list {text.strip()!r}")
+        ids.update(range(low, high + 1))
+    return tuple(sorted(ids))
+
+
+def _numa_node(path: Path, online_ids: tuple[int, ...]) -> NumaNode:
+    meminfo = {
+        m.group(1): int(m.group(2)) * 1024
+        for m in re.finditer(r"^Node \d+ (\w+):\s+(\d+) kB$", (path / "meminfo").read_text(), re.MULTILINE)
+    }
+    distances = tuple(int(d) for d in (path / "distance").read_text().split())
+    if len(distances) != len(online_ids):
+        raise ValueError(f"{len(distances)} distances for {len(online_ids)} online nodes")
+    return NumaNode(
+        node_id=_index(path),
+        cpus=parse_id_list((path / "cpulist").read_text()),
+        memory_total_bytes=meminfo["MemTotal"],
+        memory_free_bytes=meminfo["MemFree"],
+        distances=MappingProxyType(dict(zip(online_ids, distances))),
+    )
+
+
+def _gpu(path: Path) -> Gpu | None:
+    vendor, pci_class = ((path / name).read_text().strip() for name in ("vendor", "class"))
+    if vendor not in {v.value for v in GpuVendor} or not pci_class.startswith(_GPU_CLASS_PREFIXES):
+        return None
+    return Gpu(
+        pci_address=path.name,
+        vendor=GpuVendor(vendor),
+        device_id=(path / "device").read_text().strip(),
+        numa_node=_read_optional(path / "numa_node", _node_or_none),
+        current_link=_pcie_link(path, "current"),
+        max_link=_pcie_link(path, "max"),
+    )
+
+
+def _pcie_link(path: Path, which: str) -> PcieLink | None:
+    speed = _read_optional(path / f"{which}_link_speed", str.strip)
+    width = _read_optional(path / f"{which}_link_width", str.strip)
+    if speed is None or width is None or speed.startswith("Unknown"):
+        return None
+    match = re.match(r"^(\d+(?:\.\d+)?) GT/s", speed)
+    if match is None:
+        raise ValueError(f"cannot parse {which}_link_speed {speed!r}")
+    return PcieLink(speed_gts=float(match.group(1)), width=int(width))
+
+
+def _cxl_device(path: Path) -> CxlDevice:
+    return CxlDevice(
+        name=path.name,
+        ram_size_bytes=_read_optional(path / "ram/size", _hex_or_decimal),
+        pmem_size_bytes=_read_optional(path / "pmem/size", _hex_or_decimal),
+        numa_node=_read_optional(path / "numa_node", _node_or_none),
+    )
+
+
+def _dax_device(path: Path, dev_root: Path) -> DaxDevice:
+    return DaxDevice(
+        name=path.name,
+        size_bytes=_hex_or_decimal((path / "size").read_text()),
+        target_node=_read_optional(path / "target_node", _node_or_none),
+        numa_node=_read_optional(path / "numa_node", _node_or_none),
+        char_device_present=(dev_root / path.name).exists(),
+    )
+
+
+def _rdma_device(path: Path) -> RdmaDevice:
+    return RdmaDevice(
+        name=path.name,
+        numa_node=_read_optional(path / "device/numa_node", _node_or_none),
+        ports=_each(_children(path / "ports", r"\d+"), "RDMA port", _rdma_port),
+    )
+
+
+def _rdma_port(path: Path) -> RdmaPort:
+    state = _read_optional(path / "state", str.strip)  # e.g. "4: ACTIVE"
+    rate = _read_optional(path / "rate", str.split)  # e.g. "200 Gb/sec (4X HDR)"
+    return RdmaPort(
+        port=int(path.name),
+        state=state.rpartition(": ")[2] if state else None,
+        rate_gbit_s=float(rate[0]) if rate else None,
+        link_layer=_read_optional(path / "link_layer", str.strip),
+    )
+
+
+def _guess_vm(root: Path) -> VmGuess:
+    hypervisor = _read_optional(root / "hypervisor/type", str.strip)
+    if hypervisor:
+        return VmGuess(True, f"hypervisor/type {hypervisor!r}")
+    dmi = {name: _read_optional(root / "class/dmi/id" / name, str.strip) or ""
+           for name in ("sys_vendor", "product_name")}
+    if ".metal" in dmi["product_name"]:  # EC2 bare metal ("c5.metal", "m7i.metal-48xl") says "Amazon EC2" too
+        return VmGuess(False, f"DMI product_name {dmi['product_name']!r} names a bare-metal instance")
+    for name, value in dmi.items():
+        if any(signature in value.lower() for signature in _VM_SIGNATURES):
+            return VmGuess(True, f"DMI {name} {value!r}")
+    clocks = _read_optional(root / "devices/system/clocksource/clocksource0/available_clocksource", str.split)
+    for clock in clocks or ():
+        if clock in _PARAVIRT_CLOCKSOURCES:
+            return VmGuess(True, f"{_PARAVIRT_CLOCKSOURCES[clock]} paravirtual clocksource {clock!r}")
+    return VmGuess(False, "no hypervisor signature in DMI, hypervisor/type or clocksource")
+
+
+def _each(paths: Iterable[Path], what: str, parse: Callable[[Path], T | None]) -> tuple[T, ...]:
+    """Parse every path; a malformed one is skipped with a warning, a ``None`` result silently."""
+    items = []
+    for path in paths:
+        try:
+            item = parse(path)
+        except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+            logger.warning("topology: skipping %s %s: malformed sysfs data (%s: %s)",
+                           what, path, type(exc).__name__, exc)
+            continue
+        if item is not None:
+            items.append(item)
+    return tuple(items)
+
+
+def _children(directory: Path, pattern: str) -> list[Path]:
+    """Entries of ``directory`` whose whole name matches ``pattern``, in natural order; [] if absent."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if re.fullmatch(pattern, p.name)]
+    return sorted(found, key=lambda p: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p.name)])
+
+
+def _index(path: Path) -> int:
+    return int(re.search(r"(\d+)$", path.name).group(1))
+
+
+def _read_optional(path: Path, parse: Callable[[str], T]) -> T | None:
+    return parse(path.read_text()) if path.is_file() else None
+
+
+def _node_or_none(text: str) -> int | None:
+    node = int(text)
+    return None if node < 0 else node
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return fields | {name: _plain(getattr(value, name)) for name in getattr(value, "_JSON_PROPERTIES", ())}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
