@@ -19,10 +19,11 @@ import enum
 import functools
 import logging
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Iterable, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from tiermem.errors import TopologyError
 
@@ -209,10 +210,8 @@ def discover(sysfs_root: Path = Path("/sys"), dev_root: Path = Path("/dev")) -> 
             f"topology: sysfs root {sysfs_root} does not exist or is not a directory; "
             f"pass the directory where sysfs is mounted (normally /sys)."
         )
-    node_dir = sysfs_root / "devices/system/node"
-    online = _read_optional(node_dir / "online", parse_id_list)
-    node_paths = _children(node_dir, r"node(\d+)")
-    online_ids = online if online is not None else tuple(sorted(_index(p) for p in node_paths))
+    node_paths = _children(sysfs_root / "devices/system/node", r"node(\d+)")  # one per online node
+    online_ids = tuple(_index(p) for p in node_paths)
     return Topology(
         sysfs_root=sysfs_root,
         nodes=_each(node_paths, "NUMA node", lambda p: _numa_node(p, online_ids)),
@@ -220,6 +219,7 @@ def discover(sysfs_root: Path = Path("/sys"), dev_root: Path = Path("/dev")) -> 
             _children(sysfs_root / "devices/virtual/memory_tiering", r"memory_tier(\d+)"),
             "memory tier", lambda p: MemoryTier(_index(p), parse_id_list((p / "nodelist").read_text())),
         ),
+        # PCI addresses are fixed-width hex, so a plain sort is PCI bus order (not a natural sort).
         gpus=_each(sorted((sysfs_root / "bus/pci/devices").glob("*")), "PCI device", _gpu),
         cxl_devices=_each(_children(sysfs_root / "bus/cxl/devices", r".+"), "CXL device", _cxl_device),
         dax_devices=_each(
@@ -252,7 +252,7 @@ def _numa_node(path: Path, online_ids: tuple[int, ...]) -> NumaNode:
     }
     distances = tuple(int(d) for d in (path / "distance").read_text().split())
     if len(distances) != len(online_ids):
-        raise ValueError(f"{len(distances)} distances for {len(online_ids)} online nodes")
+        raise ValueError(f"{len(distances)} distances for {len(online_ids)} nodes: {online_ids}")
     return NumaNode(
         node_id=_index(path),
         cpus=parse_id_list((path / "cpulist").read_text()),
@@ -326,6 +326,14 @@ def _rdma_port(path: Path) -> RdmaPort:
 
 
 def _guess_vm(root: Path) -> VmGuess:
+    try:
+        return _vm_evidence(root)
+    except (OSError, ValueError) as exc:
+        logger.warning("topology: cannot tell whether the host is a VM (%s: %s)", type(exc).__name__, exc)
+        return VmGuess(False, f"unreadable VM evidence ({exc})")
+
+
+def _vm_evidence(root: Path) -> VmGuess:
     hypervisor = _read_optional(root / "hypervisor/type", str.strip)
     if hypervisor:
         return VmGuess(True, f"hypervisor/type {hypervisor!r}")
@@ -349,7 +357,7 @@ def _each(paths: Iterable[Path], what: str, parse: Callable[[Path], T | None]) -
     for path in paths:
         try:
             item = parse(path)
-        except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError, KeyError) as exc:  # UnicodeDecodeError is a ValueError
             logger.warning("topology: skipping %s %s: malformed sysfs data (%s: %s)",
                            what, path, type(exc).__name__, exc)
             continue
@@ -381,8 +389,8 @@ def _node_or_none(text: str) -> int | None:
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        fields = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return fields | {name: _plain(getattr(value, name)) for name in getattr(value, "_JSON_PROPERTIES", ())}
+        names = [f.name for f in dataclasses.fields(value)] + list(getattr(value, "_JSON_PROPERTIES", ()))
+        return {name: _plain(getattr(value, name)) for name in names}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, Path):

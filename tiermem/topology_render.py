@@ -5,7 +5,7 @@ Invariant: pure presentation; everything shown comes from the ``Topology`` given
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -44,8 +44,8 @@ def _numa_table(topology: Topology) -> RenderableType:
     if not topology.nodes:
         return _none_found("NUMA nodes", "kernel without NUMA support?")
     node_ids = [node.node_id for node in topology.nodes]
-    table = _table("NUMA nodes", "node", "cpus", "total", "free", f"distance to {' '.join(map(str, node_ids))}",
-                   "CXL?")
+    distance_header = f"distance to {' '.join(map(str, node_ids))}"
+    table = _table("NUMA nodes", "node", "cpus", "total", "free", distance_header, "CXL?")
     for node in topology.nodes:
         table.add_row(
             str(node.node_id),
@@ -56,7 +56,7 @@ def _numa_table(topology: Topology) -> RenderableType:
             "candidate" if node.is_cxl_candidate else "",
         )
     if topology.cxl_candidate_nodes():
-        table.caption = "CXL candidate: a CPU-less node with memory, as a CXL expander in system-RAM mode appears"
+        table.caption = "CXL candidate: a CPU-less node with memory, as CXL memory in system-RAM mode appears"
     return table
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from rich.console import Console
 
-from tiermem.errors import TopologyError
 from tiermem.topology import discover
 from tiermem.topology_render import render
 
@@ -24,18 +22,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     parser.add_argument("--sysfs-root", type=Path, default=Path("/sys"),
-                        help="where sysfs is mounted (default: /sys); point it at a copied tree to inspect another host")
+                        help="where sysfs is mounted (default: /sys); a copied tree describes another host")
     parser.add_argument("--dev-root", type=Path, default=Path("/dev"),
-                        help="where device nodes live, used to tell whether /dev/daxX.Y exists (default: /dev)")
+                        help="where device nodes live, to tell whether daxX.Y exists (default: /dev)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        topology = discover(args.sysfs_root, args.dev_root)
-    except TopologyError as exc:
-        print(f"tiermem topo: {exc}", file=sys.stderr)
-        return 1
+    """Print the topology; a missing sysfs root raises TopologyError, which ``main`` reports in one line."""
+    topology = discover(args.sysfs_root, args.dev_root)
     if args.json:
         print(json.dumps(topology.to_dict(), indent=2))
     else:

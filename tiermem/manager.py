@@ -25,7 +25,7 @@ from tiermem.tiers import TIERS, Block, BuildContext, Tier
 from tiermem.topology import discover
 from tiermem.transfer import Copy, TransferConfig, TransferEngine, TransferHandle, make_plan
 
-log = logging.getLogger("tiermem.runtime")
+log = logging.getLogger("tiermem.manager")
 
 
 @dataclass(frozen=True)

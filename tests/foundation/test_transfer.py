@@ -1,0 +1,91 @@
+"""The transfer engine: batched asynchronous copies, chunking, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiermem.errors import TransferError
+from tiermem.transfer import TransferConfig, TransferEngine, make_plan
+from tiermem.transfer.plan import Direction, split_chunks
+
+CHUNK_BYTES = 64 * 1024
+
+
+def test_split_chunks_covers_every_byte_once_in_order():
+    pieces = split_chunks(10 * CHUNK_BYTES + 7, CHUNK_BYTES)
+    assert pieces[0] == (0, CHUNK_BYTES) and pieces[-1] == (10 * CHUNK_BYTES, 7)
+    assert sum(size for _, size in pieces) == 10 * CHUNK_BYTES + 7
+    assert all(a + s == b for (a, s), (b, _) in zip(pieces, pieces[1:]))
+
+
+def test_host_copies_of_many_objects_land_byte_exact():
+    engine = TransferEngine(TransferConfig(host_chunk_bytes=CHUNK_BYTES, host_threads=2))
+    sources = [torch.randint(0, 255, (n,), dtype=torch.uint8) for n in (1, 5000, 3 * CHUNK_BYTES + 11)]
+    targets = [torch.empty_like(s) for s in sources]
+    handle = engine.submit(make_plan(zip(sources, targets)))
+    handle.wait()
+    assert handle.done() and handle.nbytes == sum(s.numel() for s in sources)
+    assert all(torch.equal(s, t) for s, t in zip(sources, targets))
+    assert engine.stats()["h2h_bytes"] == handle.nbytes
+    engine.close()
+
+
+def test_copies_between_dtypes_move_raw_bytes():
+    source = torch.arange(16, dtype=torch.float32)
+    target = torch.empty(64, dtype=torch.uint8)
+    engine = TransferEngine()
+    engine.submit(make_plan([(source, target)])).wait()
+    assert torch.equal(target.view(torch.float32), source)
+    engine.close()
+
+
+def test_size_mismatch_and_non_contiguous_are_refused_before_any_io():
+    with pytest.raises(TransferError, match="source has 40 bytes but destination has 44"):
+        make_plan([(torch.zeros(10), torch.zeros(11))])
+    with pytest.raises(TransferError, match="not contiguous"):
+        make_plan([(torch.zeros(4, 4).t(), torch.zeros(4, 4))])
+
+
+def test_closed_engine_refuses_submissions():
+    engine = TransferEngine()
+    engine.close()
+    with pytest.raises(TransferError, match="engine is closed"):
+        engine.submit(make_plan([(torch.zeros(1), torch.zeros(1))]))
+
+
+@pytest.mark.gpu
+def test_gpu_copies_from_pageable_memory_are_refused():
+    with pytest.raises(TransferError, match="pageable"):
+        make_plan([(torch.zeros(1024), torch.zeros(1024, device="cuda"))])
+    with pytest.raises(TransferError, match="pageable"):
+        make_plan([(torch.zeros(1024, device="cuda"), torch.zeros(1024))])
+
+
+@pytest.mark.gpu
+def test_gpu_round_trip_in_both_directions_at_once_is_byte_exact():
+    engine = TransferEngine(TransferConfig(chunk_bytes=1 << 20))
+    host_in = torch.randint(0, 255, (5 << 20,), dtype=torch.uint8).pin_memory()
+    device_in = torch.randint(0, 255, (5 << 20,), dtype=torch.uint8, device="cuda")
+    device_out = torch.empty_like(device_in)
+    host_out = torch.empty_like(host_in).pin_memory()
+    plan = make_plan([(host_in, device_out), (device_in, host_out)])
+    assert [c.direction for c in plan.copies] == [Direction.H2D, Direction.D2H]
+    engine.submit(plan).wait()
+    assert torch.equal(device_out.cpu(), host_in) and torch.equal(host_out, device_in.cpu())
+    engine.close()
+
+
+@pytest.mark.gpu
+def test_tiermem_host_tiers_are_registered_for_dma():
+    from tiermem.manager import TierManager
+
+    config = {"tiers": [{"kind": "dram", "capacity_bytes": "8MiB"}, {"kind": "hbm", "capacity_bytes": "8MiB"},
+                        {"kind": "cxl", "backing": "emulated", "capacity_bytes": "8MiB"}]}
+    with TierManager.from_config(config) as tm:
+        host = tm.empty(1 << 20, tier="cxl")
+        assert host.is_pinned()
+        host.copy_(torch.randint(0, 255, (1 << 20,), dtype=torch.uint8))
+        on_gpu = tm.to(host, "hbm")
+        back = tm.to(on_gpu, "dram")
+        assert on_gpu.is_cuda and torch.equal(back, host)

@@ -1,0 +1,7 @@
+"""``python -m tiermem`` runs the ``tiermem`` command."""
+
+import sys
+
+from tiermem.cli import main
+
+sys.exit(main())
