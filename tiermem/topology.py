@@ -17,19 +17,24 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from tiermem.errors import TopologyError
-
-logger = logging.getLogger("tiermem.topology")
-
-T = TypeVar("T")
+from tiermem.sysfs import (
+    VmGuess,
+    children,
+    guess_vm,
+    node_or_none,
+    parse_each,
+    parse_id_list,
+    read_optional,
+    trailing_index,
+)
 
 # GT/s per lane -> (PCIe generation, GB/s per lane per direction after line encoding).
 _PCIE_GENERATIONS: dict[float, tuple[int, float]] = {
@@ -39,11 +44,7 @@ _PCIE_GENERATIONS: dict[float, tuple[int, float]] = {
 # PCI class prefixes of GPUs: VGA, 3D controller, display controller (AMD Instinct reports 0x0380).
 _GPU_CLASS_PREFIXES = ("0x0300", "0x0302", "0x0380")
 _hex_or_decimal = functools.partial(int, base=0)  # CXL sizes are "0x..." hex, dax sizes decimal
-_VM_SIGNATURES = (
-    "qemu", "kvm", "firecracker", "vmware", "xen", "virtualbox", "bochs", "amazon ec2",
-    "google compute engine", "openstack", "parallels", "cloud hypervisor", "virtual machine",
-)
-_PARAVIRT_CLOCKSOURCES = {"kvm-clock": "KVM", "xen": "Xen", "hyperv_clocksource_tsc_page": "Hyper-V"}
+
 
 
 class GpuVendor(str, enum.Enum):
@@ -155,14 +156,6 @@ class RdmaDevice:
 
 
 @dataclass(frozen=True)
-class VmGuess:
-    """Best-effort guess whether the host is a virtual machine; ``evidence`` says what it rests on."""
-
-    is_vm: bool
-    evidence: str
-
-
-@dataclass(frozen=True)
 class Topology:
     """Everything ``discover`` found under one sysfs root."""
 
@@ -210,39 +203,28 @@ def discover(sysfs_root: Path = Path("/sys"), dev_root: Path = Path("/dev")) -> 
             f"topology: sysfs root {sysfs_root} does not exist or is not a directory; "
             f"pass the directory where sysfs is mounted (normally /sys)."
         )
-    node_paths = _children(sysfs_root / "devices/system/node", r"node(\d+)")  # one per online node
-    online_ids = tuple(_index(p) for p in node_paths)
+    node_paths = children(sysfs_root / "devices/system/node", r"node(\d+)")  # one per online node
+    online_ids = tuple(trailing_index(p) for p in node_paths)
     return Topology(
         sysfs_root=sysfs_root,
-        nodes=_each(node_paths, "NUMA node", lambda p: _numa_node(p, online_ids)),
-        memory_tiers=_each(
-            _children(sysfs_root / "devices/virtual/memory_tiering", r"memory_tier(\d+)"),
-            "memory tier", lambda p: MemoryTier(_index(p), parse_id_list((p / "nodelist").read_text())),
+        nodes=parse_each(node_paths, "NUMA node", lambda p: _numa_node(p, online_ids)),
+        memory_tiers=parse_each(
+            children(sysfs_root / "devices/virtual/memory_tiering", r"memory_tier(\d+)"),
+            "memory tier",
+            lambda p: MemoryTier(trailing_index(p), parse_id_list((p / "nodelist").read_text())),
         ),
         # PCI addresses are fixed-width hex, so a plain sort is PCI bus order (not a natural sort).
-        gpus=_each(sorted((sysfs_root / "bus/pci/devices").glob("*")), "PCI device", _gpu),
-        cxl_devices=_each(_children(sysfs_root / "bus/cxl/devices", r".+"), "CXL device", _cxl_device),
-        dax_devices=_each(
-            _children(sysfs_root / "bus/dax/devices", r"dax\d+\.\d+"), "dax device",
+        gpus=parse_each(sorted((sysfs_root / "bus/pci/devices").glob("*")), "PCI device", _gpu),
+        cxl_devices=parse_each(children(sysfs_root / "bus/cxl/devices", r".+"), "CXL device", _cxl_device),
+        dax_devices=parse_each(
+            children(sysfs_root / "bus/dax/devices", r"dax\d+\.\d+"), "dax device",
             lambda p: _dax_device(p, dev_root),
         ),
-        rdma_devices=_each(_children(sysfs_root / "class/infiniband", r".+"), "RDMA device", _rdma_device),
-        vm=_guess_vm(sysfs_root),
+        rdma_devices=parse_each(
+            children(sysfs_root / "class/infiniband", r".+"), "RDMA device", _rdma_device,
+        ),
+        vm=guess_vm(sysfs_root),
     )
-
-
-def parse_id_list(text: str) -> tuple[int, ...]:
-    """Parse a kernel id list such as ``"0-3,8,10-11"`` (empty means none) into sorted ids."""
-    ids: set[int] = set()
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        first, sep, last = part.partition("-")
-        low, high = int(first), int(last) if sep else int(first)
-        if low < 0 or high < low:
-            raise ValueError(f"bad range {part!r} in id list {text.strip()!r}")
-        ids.update(range(low, high + 1))
-    return tuple(sorted(ids))
 
 
 def _numa_node(path: Path, online_ids: tuple[int, ...]) -> NumaNode:
@@ -254,7 +236,7 @@ def _numa_node(path: Path, online_ids: tuple[int, ...]) -> NumaNode:
     if len(distances) != len(online_ids):
         raise ValueError(f"{len(distances)} distances for {len(online_ids)} nodes: {online_ids}")
     return NumaNode(
-        node_id=_index(path),
+        node_id=trailing_index(path),
         cpus=parse_id_list((path / "cpulist").read_text()),
         memory_total_bytes=meminfo["MemTotal"],
         memory_free_bytes=meminfo["MemFree"],
@@ -270,15 +252,15 @@ def _gpu(path: Path) -> Gpu | None:
         pci_address=path.name,
         vendor=GpuVendor(vendor),
         device_id=(path / "device").read_text().strip(),
-        numa_node=_read_optional(path / "numa_node", _node_or_none),
+        numa_node=read_optional(path / "numa_node", node_or_none),
         current_link=_pcie_link(path, "current"),
         max_link=_pcie_link(path, "max"),
     )
 
 
 def _pcie_link(path: Path, which: str) -> PcieLink | None:
-    speed = _read_optional(path / f"{which}_link_speed", str.strip)
-    width = _read_optional(path / f"{which}_link_width", str.strip)
+    speed = read_optional(path / f"{which}_link_speed", str.strip)
+    width = read_optional(path / f"{which}_link_width", str.strip)
     if speed is None or width is None or speed.startswith("Unknown"):
         return None
     match = re.match(r"^(\d+(?:\.\d+)?) GT/s", speed)
@@ -290,9 +272,9 @@ def _pcie_link(path: Path, which: str) -> PcieLink | None:
 def _cxl_device(path: Path) -> CxlDevice:
     return CxlDevice(
         name=path.name,
-        ram_size_bytes=_read_optional(path / "ram/size", _hex_or_decimal),
-        pmem_size_bytes=_read_optional(path / "pmem/size", _hex_or_decimal),
-        numa_node=_read_optional(path / "numa_node", _node_or_none),
+        ram_size_bytes=read_optional(path / "ram/size", _hex_or_decimal),
+        pmem_size_bytes=read_optional(path / "pmem/size", _hex_or_decimal),
+        numa_node=read_optional(path / "numa_node", node_or_none),
     )
 
 
@@ -300,8 +282,8 @@ def _dax_device(path: Path, dev_root: Path) -> DaxDevice:
     return DaxDevice(
         name=path.name,
         size_bytes=_hex_or_decimal((path / "size").read_text()),
-        target_node=_read_optional(path / "target_node", _node_or_none),
-        numa_node=_read_optional(path / "numa_node", _node_or_none),
+        target_node=read_optional(path / "target_node", node_or_none),
+        numa_node=read_optional(path / "numa_node", node_or_none),
         char_device_present=(dev_root / path.name).exists(),
     )
 
@@ -309,82 +291,20 @@ def _dax_device(path: Path, dev_root: Path) -> DaxDevice:
 def _rdma_device(path: Path) -> RdmaDevice:
     return RdmaDevice(
         name=path.name,
-        numa_node=_read_optional(path / "device/numa_node", _node_or_none),
-        ports=_each(_children(path / "ports", r"\d+"), "RDMA port", _rdma_port),
+        numa_node=read_optional(path / "device/numa_node", node_or_none),
+        ports=parse_each(children(path / "ports", r"\d+"), "RDMA port", _rdma_port),
     )
 
 
 def _rdma_port(path: Path) -> RdmaPort:
-    state = _read_optional(path / "state", str.strip)  # e.g. "4: ACTIVE"
-    rate = _read_optional(path / "rate", str.split)  # e.g. "200 Gb/sec (4X HDR)"
+    state = read_optional(path / "state", str.strip)  # e.g. "4: ACTIVE"
+    rate = read_optional(path / "rate", str.split)  # e.g. "200 Gb/sec (4X HDR)"
     return RdmaPort(
         port=int(path.name),
         state=state.rpartition(": ")[2] if state else None,
         rate_gbit_s=float(rate[0]) if rate else None,
-        link_layer=_read_optional(path / "link_layer", str.strip),
+        link_layer=read_optional(path / "link_layer", str.strip),
     )
-
-
-def _guess_vm(root: Path) -> VmGuess:
-    try:
-        return _vm_evidence(root)
-    except (OSError, ValueError) as exc:
-        logger.warning("topology: cannot tell whether the host is a VM (%s: %s)", type(exc).__name__, exc)
-        return VmGuess(False, f"unreadable VM evidence ({exc})")
-
-
-def _vm_evidence(root: Path) -> VmGuess:
-    hypervisor = _read_optional(root / "hypervisor/type", str.strip)
-    if hypervisor:
-        return VmGuess(True, f"hypervisor/type {hypervisor!r}")
-    dmi = {name: _read_optional(root / "class/dmi/id" / name, str.strip) or ""
-           for name in ("sys_vendor", "product_name")}
-    if ".metal" in dmi["product_name"]:  # EC2 bare metal ("c5.metal", "m7i.metal-48xl") says "Amazon EC2" too
-        return VmGuess(False, f"DMI product_name {dmi['product_name']!r} names a bare-metal instance")
-    for name, value in dmi.items():
-        if any(signature in value.lower() for signature in _VM_SIGNATURES):
-            return VmGuess(True, f"DMI {name} {value!r}")
-    clocks = _read_optional(root / "devices/system/clocksource/clocksource0/available_clocksource", str.split)
-    for clock in clocks or ():
-        if clock in _PARAVIRT_CLOCKSOURCES:
-            return VmGuess(True, f"{_PARAVIRT_CLOCKSOURCES[clock]} paravirtual clocksource {clock!r}")
-    return VmGuess(False, "no hypervisor signature in DMI, hypervisor/type or clocksource")
-
-
-def _each(paths: Iterable[Path], what: str, parse: Callable[[Path], T | None]) -> tuple[T, ...]:
-    """Parse every path; a malformed one is skipped with a warning, a ``None`` result silently."""
-    items = []
-    for path in paths:
-        try:
-            item = parse(path)
-        except (OSError, ValueError, KeyError) as exc:  # UnicodeDecodeError is a ValueError
-            logger.warning("topology: skipping %s %s: malformed sysfs data (%s: %s)",
-                           what, path, type(exc).__name__, exc)
-            continue
-        if item is not None:
-            items.append(item)
-    return tuple(items)
-
-
-def _children(directory: Path, pattern: str) -> list[Path]:
-    """Entries of ``directory`` whose whole name matches ``pattern``, in natural order; [] if absent."""
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if re.fullmatch(pattern, p.name)]
-    return sorted(found, key=lambda p: [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p.name)])
-
-
-def _index(path: Path) -> int:
-    return int(re.search(r"(\d+)$", path.name).group(1))
-
-
-def _read_optional(path: Path, parse: Callable[[str], T]) -> T | None:
-    return parse(path.read_text()) if path.is_file() else None
-
-
-def _node_or_none(text: str) -> int | None:
-    node = int(text)
-    return None if node < 0 else node
 
 
 def _plain(value: Any) -> Any:

@@ -1,9 +1,8 @@
 """Property tests of the arena allocator: no overlap, exact accounting, full coalescing."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pytest
 
 from tiermem.errors import OwnershipError
 from tiermem.tiers.arena import Arena, align_up
