@@ -15,17 +15,19 @@ Packages, lowest layer first (imports only flow downward; ``tests/test_layers.py
 | 5     | prefetch/, experts/, engram/, simulate/   | prediction-driven moves; MoE experts; Engram rows |
 | 6     | bench/, cli/                              | ``tiermem bench``, the ``tiermem`` command        |
 
-Public API: ``TierManager`` (allocator), ``ManagerConfig``, ``ObjectKey``, the error classes.
+Public API: ``TierManager`` (allocator), ``ManagerConfig``, ``offload(model, ...)`` (MoE experts on host
+tiers), ``ObjectKey``, the error classes.
 """
 
 from tiermem.errors import (
     CapacityError, ConfigError, InjectedFault, OwnershipError, RegistryError, TierMemError, TopologyError,
     TransferError,
 )
+from tiermem.experts import offload
 from tiermem.manager import ManagerConfig, TierManager
 from tiermem.types import LinkProfile, ObjectKey, TierKind
 
 __all__ = [
     "CapacityError", "ConfigError", "InjectedFault", "LinkProfile", "ManagerConfig", "ObjectKey", "OwnershipError",
-    "RegistryError", "TierKind", "TierManager", "TierMemError", "TopologyError", "TransferError",
+    "RegistryError", "TierKind", "TierManager", "TierMemError", "TopologyError", "TransferError", "offload",
 ]

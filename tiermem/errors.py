@@ -45,3 +45,7 @@ class InjectedFault(TransferError):
 
 class TraceError(TierMemError, ValueError):
     """A routing trace, an importer's input or a predictor's input is malformed or inconsistent."""
+
+
+class RepairError(TierMemError):
+    """EP coverage repair: an invalid membership transition, a placement that does not fit, or no source left."""

@@ -72,6 +72,15 @@ def test_objects_larger_than_an_arena_get_their_own(tier):
     assert tier.stats().mapped_bytes >= ARENA_BYTES + 1
 
 
+def test_objects_summing_to_the_capacity_fit_despite_arena_tails(tier):
+    object_bytes = 90 * 1024  # two fit in a 256 KiB arena, with a 76 KiB tail
+    blocks = [tier.allocate(object_bytes) for _ in range(CAPACITY_BYTES // object_bytes)]
+    assert tier.used_bytes == len(blocks) * object_bytes
+    assert tier.stats().mapped_bytes <= CAPACITY_BYTES + ARENA_BYTES
+    with pytest.raises(CapacityError):
+        tier.allocate(tier.free_bytes + 1)
+
+
 def test_double_free_is_refused_without_corrupting_state(tier):
     keep = tier.allocate(1000)
     block = tier.allocate(1000)

@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from tiermem.cli import topo
+from tiermem.cli import bench, predictor, simulate, topo
 from tiermem.errors import TierMemError
 
-SUBCOMMANDS = (topo,)
+SUBCOMMANDS = (topo, bench, simulate, predictor)
 
 
 def build_parser() -> argparse.ArgumentParser:

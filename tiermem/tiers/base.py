@@ -6,6 +6,9 @@ way: a frozen config class and a factory registered in ``TIERS`` under its kind.
 ``ArenaTier`` owns arenas: one memory mapping each, created on demand up to ``capacity_bytes`` and
 sub-allocated by ``Arena``. Invariants:
 - ``used_bytes`` is the exact sum of live blocks' aligned sizes; ``free_bytes = capacity - used``;
+- ``capacity_bytes`` bounds live bytes. A new arena holds a whole number of the object that asked for
+  it, so equally sized objects (experts, row groups) that sum to the capacity always fit; mixed sizes
+  may leave tails, absorbed by at most one arena of slack (``mapped_bytes <= capacity + arena_bytes``);
 - every block's tensor is a view into its arena's mapping (no copies), starting ``alignment_bytes``-aligned;
 - all mutation happens under one lock; ``close()`` is idempotent and releases every mapping.
 
@@ -121,6 +124,7 @@ class ArenaTier:
         self.link = link
         self._capacity_bytes = capacity_bytes
         self._arena_bytes = align_up(arena_bytes, alignment_bytes)
+        self._max_mapped_bytes = capacity_bytes + self._arena_bytes
         self._alignment_bytes = alignment_bytes
         self._lock = threading.Lock()
         self._arenas: list[Arena] = []
@@ -154,12 +158,14 @@ class ArenaTier:
         with self._lock:
             self._check_open()
             size = align_up(nbytes, self._alignment_bytes)
+            if size > self.free_bytes:
+                raise CapacityError(self._capacity_message(nbytes))
             for index, arena in enumerate(self._arenas):
                 offset = arena.allocate(size)
                 if offset is not None:
                     return self._record(index, offset, nbytes)
-            arena_size = min(max(self._arena_bytes, size), self._capacity_bytes - self.mapped_bytes)
-            if size > self.free_bytes or arena_size < size:
+            arena_size = max(1, self._arena_bytes // size) * size  # a whole number of these objects: no tail
+            if self.mapped_bytes + arena_size > self._max_mapped_bytes:
                 raise CapacityError(self._capacity_message(nbytes))
             self._mappings.append(self._map(arena_size))
             self._arenas.append(Arena(arena_size, self._alignment_bytes))
@@ -210,9 +216,7 @@ class ArenaTier:
                 name=self.name, kind=self.kind.value, emulated=self.emulated,
                 capacity_bytes=self._capacity_bytes, used_bytes=self.used_bytes,
                 mapped_bytes=self.mapped_bytes, blocks=len(self._blocks),
-                largest_free_bytes=max(
-                    [a.largest_free_bytes for a in self._arenas] + [self._capacity_bytes - self.mapped_bytes]
-                ),
+                largest_free_bytes=self._largest_free_bytes(),
             )
 
     def close(self) -> None:
@@ -242,8 +246,12 @@ class ArenaTier:
         if self._closed:
             raise OwnershipError(f"tier {self.name!r} is closed; create a new TierManager")
 
+    def _largest_free_bytes(self) -> int:
+        unmapped = min(self.free_bytes, self._max_mapped_bytes - self.mapped_bytes)
+        return max([a.largest_free_bytes for a in self._arenas] + [max(0, unmapped)])
+
     def _capacity_message(self, nbytes: int) -> str:
-        largest = max([a.largest_free_bytes for a in self._arenas] + [self._capacity_bytes - self.mapped_bytes])
+        largest = self._largest_free_bytes()
         return (
             f"tier {self.name!r}: cannot allocate {format_bytes(nbytes)} ({nbytes} bytes): "
             f"capacity {format_bytes(self._capacity_bytes)}, used {format_bytes(self.used_bytes)}, "

@@ -22,7 +22,7 @@ class HbmTierConfig:
     capacity_bytes: int = option(help="Most bytes of GPU memory this tier may reserve.", unit="bytes")
     name: str = option("hbm", help="Name used to address this tier.")
     device_index: int = option(0, help="CUDA device index.")
-    arena_bytes: int = option(1 << 30, help="Size of each reservation.", unit="bytes")
+    arena_bytes: int = option(256 << 20, help="Size of each reservation.", unit="bytes")
     alignment_bytes: int = option(512, help="Alignment of every allocation (power of two, >= 64).", unit="bytes")
 
     def __post_init__(self) -> None:

@@ -3,25 +3,30 @@
 Contract: ``submit(plan)`` validates nothing new (``make_plan`` did), enqueues every copy and returns a
 ``TransferHandle`` at once. The caller owns the buffers and must keep them alive and untouched until
 ``handle.done()`` (or ``wait()``/``wait_on(stream)``) says the bytes have landed. Blocking use is
-``submit(plan).wait()``; there is no twin blocking API.
+``submit(plan).wait()``; there is no twin blocking API. ``handle.part(i)`` completes with copy ``i``
+of the plan alone, so a batch of objects is submitted once and each object is still used as soon as
+its own bytes have landed. ``submit(plan, background=True)`` puts GPU copies on streams of their
+own: urgent copies never queue behind background ones in a stream (they share the link instead).
 
 Design note (how bytes move):
 | copy            | where it runs                                                | completion        |
 |-----------------|--------------------------------------------------------------|-------------------|
-| host -> GPU     | chunks round-robin over the device's H2D streams             | one CUDA event    |
-| GPU -> host     | chunks round-robin over the device's D2H streams (own CEs)   | per stream used   |
-| GPU -> GPU      | the destination device's H2D streams                         |                   |
+| host -> GPU     | chunks round-robin over the device's H2D streams of the lane | CUDA events       |
+| GPU -> host     | chunks round-robin over the device's D2H streams (own CEs)   | per copy and      |
+| GPU -> GPU      | the destination device's H2D streams                         | per stream used   |
 | host -> host    | chunks over the engine's named thread pool (torch copy_      | futures           |
 |                 | releases the GIL, so chunks copy in parallel)                |                   |
 | any copy with   | a named I/O thread calls the hooks, then moves the bytes and | a future          |
 | tier I/O hooks  | waits for them (modelled time and injected faults serialise) |                   |
 Every GPU stream first waits on the submitting thread's current stream, so a copy never reads bytes
 that earlier kernels on that stream are still writing. H2D and D2H use separate streams, so both
-directions overlap on separate copy engines.
+directions overlap on separate copy engines. The round-robin turn persists across submits, so
+back-to-back one-object submits alternate streams and one copy's setup hides behind another's bytes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -33,7 +38,7 @@ import torch
 
 from tiermem.config import option, require
 from tiermem.errors import TierMemError, TransferError
-from tiermem.transfer.plan import Copy, Direction, TransferPlan, as_bytes, split_chunks
+from tiermem.transfer.plan import Copy, Direction, TransferPlan, split_chunks
 
 log = logging.getLogger("tiermem.transfer")
 
@@ -59,11 +64,20 @@ class TransferConfig:
 class TransferHandle:
     """Completion of one submitted plan: CUDA events and/or host futures."""
 
-    def __init__(self, nbytes: int, events: list[torch.cuda.Event], futures: list[Future]) -> None:
+    def __init__(self, nbytes: int, events: list[torch.cuda.Event], futures: list[Future],
+                 parts: list[TransferHandle] | None = None) -> None:
         self.nbytes = nbytes
         self._events = events
         self._futures = futures
+        self._parts = parts
         self._submitted_s = time.perf_counter()
+
+    def part(self, index: int) -> TransferHandle:
+        """The completion of copy ``index`` of the submitted plan alone."""
+        if self._parts is None:
+            assert index == 0, "a one-copy plan has one part"
+            return self
+        return self._parts[index]
 
     def done(self) -> bool:
         """True once every byte has landed (or a host-side part failed: ``wait`` then raises)."""
@@ -114,25 +128,40 @@ class TransferEngine:
         self.config = config or TransferConfig()
         self._host_pool = ThreadPoolExecutor(self.config.host_threads, thread_name_prefix="tiermem-copy")
         self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="tiermem-io")
-        self._streams: dict[tuple[int, Direction], list[torch.cuda.Stream]] = {}
+        self._streams: dict[tuple[int, Direction, bool], tuple[list[torch.cuda.Stream], itertools.count]] = {}
         self._lock = threading.Lock()
         self._bytes_by_direction = {d.value: 0 for d in Direction}
         self._closed = False
 
-    def submit(self, plan: TransferPlan) -> TransferHandle:
-        """Start every copy of ``plan``; returns at once."""
+    def submit(self, plan: TransferPlan, *, background: bool = False) -> TransferHandle:
+        """Start every copy of ``plan``; returns at once. ``background`` copies use their own GPU streams."""
         if self._closed:
             raise TransferError("transfer: engine is closed; create a new TierManager")
+        directions = [copy.direction for copy in plan.copies]
         with self._lock:
-            for copy in plan.copies:
-                self._bytes_by_direction[copy.direction.value] += copy.nbytes
-        hooked = [c for c in plan.copies if c.hooks]
-        plain = [c for c in plan.copies if not c.hooks]
-        events, futures = self._enqueue_gpu([c for c in plain if c.direction is not Direction.H2H])
-        futures += self._enqueue_host([c for c in plain if c.direction is Direction.H2H])
-        if hooked:
-            futures.append(self._io_pool.submit(self._run_hooked, hooked))
-        return TransferHandle(plan.nbytes, events, futures)
+            for copy, direction in zip(plan.copies, directions):
+                self._bytes_by_direction[direction.value] += copy.nbytes
+        parts: list[tuple[list[torch.cuda.Event], list[Future]]] = []
+        gpu_events: dict[int, torch.cuda.Event] = {}  # stream -> its last event: the whole plan
+        futures: list[Future] = []
+        for copy, direction in zip(plan.copies, directions):
+            if copy.hooks:
+                future = self._io_pool.submit(self._run_hooked, copy, direction)
+                parts.append(([], [future]))
+                futures.append(future)
+            elif direction is Direction.H2H:
+                pieces = self._enqueue_host(copy)
+                parts.append(([], pieces))
+                futures += pieces
+            else:
+                events = self._enqueue_gpu(copy, direction, background)
+                parts.append((list(events.values()), []))
+                gpu_events.update(events)
+        nbytes = plan.nbytes
+        if len(parts) == 1:
+            return TransferHandle(nbytes, *parts[0])
+        handles = [TransferHandle(c.nbytes, e, f) for c, (e, f) in zip(plan.copies, parts)]
+        return TransferHandle(nbytes, list(gpu_events.values()), futures, handles)
 
     def stats(self) -> dict[str, int]:
         """Bytes submitted per direction since the engine started."""
@@ -147,62 +176,54 @@ class TransferEngine:
         self._io_pool.shutdown(wait=True)
         self._host_pool.shutdown(wait=True)
 
-    def _streams_for(self, device: torch.device, direction: Direction) -> list[torch.cuda.Stream]:
-        key = (device.index, direction)
-        with self._lock:
-            if key not in self._streams:
-                self._streams[key] = [
-                    torch.cuda.Stream(device=device) for _ in range(self.config.streams_per_direction)
-                ]
-            return self._streams[key]
+    def _streams_for(self, device: torch.device, direction: Direction,
+                     background: bool) -> tuple[list[torch.cuda.Stream], itertools.count]:
+        key = (device.index, direction, background)
+        lane = self._streams.get(key)
+        if lane is None:
+            with self._lock:
+                lane = self._streams.get(key)
+                if lane is None:
+                    streams = [torch.cuda.Stream(device=device) for _ in range(self.config.streams_per_direction)]
+                    lane = self._streams[key] = (streams, itertools.count())
+        return lane
 
-    def _enqueue_gpu(self, copies: list[Copy]) -> tuple[list[torch.cuda.Event], list[Future]]:
+    def _enqueue_gpu(self, copy: Copy, direction: Direction, background: bool) -> dict[int, torch.cuda.Event]:
+        """Enqueue one copy's chunks; returns one event per stream used, recorded after its last chunk."""
+        device = copy.dst.device if copy.dst.is_cuda else copy.src.device
+        lane = Direction.H2D if direction is Direction.D2D else direction
+        streams, turn = self._streams_for(device, lane, background)
+        current = torch.cuda.current_stream(device)
         used: dict[int, torch.cuda.Stream] = {}
-        turn: dict[tuple[int, Direction], int] = {}
-        for copy in copies:
-            device = copy.dst.device if copy.dst.is_cuda else copy.src.device
-            direction = Direction.H2D if copy.direction is Direction.D2D else copy.direction
-            streams = self._streams_for(device, direction)
-            src, dst = as_bytes(copy.src), as_bytes(copy.dst)
-            for offset, size in split_chunks(copy.nbytes, self.config.chunk_bytes):
-                index = turn.get((device.index, direction), 0)
-                turn[(device.index, direction)] = index + 1
-                stream = streams[index % len(streams)]
-                if id(stream) not in used:
-                    stream.wait_stream(torch.cuda.current_stream(device))
-                    used[id(stream)] = stream
-                try:
-                    with torch.cuda.stream(stream):
-                        dst.narrow(0, offset, size).copy_(src.narrow(0, offset, size), non_blocking=True)
-                except RuntimeError as exc:
-                    raise TransferError(f"transfer: enqueueing a {size}-byte {copy.direction.value} copy failed: "
-                                        f"{exc}") from exc
-        events = []
-        for stream in used.values():
-            event = torch.cuda.Event()
-            event.record(stream)
-            events.append(event)
-        return events, []
+        for offset, size in split_chunks(copy.nbytes, self.config.chunk_bytes):
+            stream = streams[next(turn) % len(streams)]
+            if id(stream) not in used:
+                stream.wait_stream(current)
+                used[id(stream)] = stream
+            try:
+                with torch.cuda.stream(stream):
+                    copy.dst.narrow(0, offset, size).copy_(copy.src.narrow(0, offset, size), non_blocking=True)
+            except RuntimeError as exc:
+                raise TransferError(f"transfer: enqueueing a {size}-byte {direction.value} copy failed: "
+                                    f"{exc}") from exc
+        events = {}
+        for key, stream in used.items():
+            events[key] = torch.cuda.Event()
+            events[key].record(stream)
+        return events
 
-    def _enqueue_host(self, copies: list[Copy]) -> list[Future]:
-        futures = []
-        for copy in copies:
-            src, dst = as_bytes(copy.src), as_bytes(copy.dst)
-            for offset, size in split_chunks(copy.nbytes, self.config.host_chunk_bytes):
-                futures.append(self._host_pool.submit(_copy_bytes, dst.narrow(0, offset, size),
-                                                      src.narrow(0, offset, size)))
-        return futures
+    def _enqueue_host(self, copy: Copy) -> list[Future]:
+        return [self._host_pool.submit(_copy_bytes, copy.dst.narrow(0, offset, size), copy.src.narrow(0, offset, size))
+                for offset, size in split_chunks(copy.nbytes, self.config.host_chunk_bytes)]
 
-    def _run_hooked(self, copies: list[Copy]) -> None:
-        for copy in copies:
-            for hook in copy.hooks:
-                hook(copy.nbytes)
-            if copy.direction is Direction.H2H:
-                _copy_bytes(as_bytes(copy.dst), as_bytes(copy.src))
-                continue
-            events, _ = self._enqueue_gpu([copy])
-            for event in events:
-                event.synchronize()
+    def _run_hooked(self, copy: Copy, direction: Direction) -> None:
+        for hook in copy.hooks:
+            hook(copy.nbytes)
+        if direction is Direction.H2H:
+            _copy_bytes(copy.dst, copy.src)
+            return
+        for event in self._enqueue_gpu(copy, direction, False).values():
+            event.synchronize()
 
 
 def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -1,7 +1,9 @@
 """Frozen transfer plans: which bytes move from which tensor to which, validated before any I/O.
 
 A ``Copy`` moves the raw bytes of ``src`` into ``dst`` (both contiguous, same byte count). The plan
-says nothing about how: streams, chunks and threads are the engine's business. ``hooks`` are tier
+says nothing about how: streams, chunks and threads are the engine's business. Every copy of a plan
+made by ``make_plan`` holds flat ``uint8`` views of its tensors (validated and flattened once, so the
+engine's hot path does neither again). ``hooks`` are tier
 I/O hooks (``Tier.on_io``) the engine must call before moving the bytes (modelled time, faults).
 """
 
@@ -82,13 +84,12 @@ def make_plan(pairs: Iterable[tuple[torch.Tensor, torch.Tensor] | Copy]) -> Tran
                 f"transfer: source has {src_bytes} bytes but destination has {dst_bytes}; a copy moves a "
                 "whole object, so allocate the destination with the source's shape and dtype"
             )
-        as_bytes(copy.src)
-        as_bytes(copy.dst)
-        if copy.direction is Direction.H2D:
+        direction = copy.direction
+        if direction is Direction.H2D:
             _require_pinned(copy.src, "source", src_bytes)
-        elif copy.direction is Direction.D2H:
+        elif direction is Direction.D2H:
             _require_pinned(copy.dst, "destination", dst_bytes)
-        copies.append(copy)
+        copies.append(Copy(as_bytes(copy.src), as_bytes(copy.dst), copy.hooks))
     return TransferPlan(tuple(copies))
 
 

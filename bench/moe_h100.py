@@ -1,0 +1,75 @@
+"""The MoE offload suite for one lent H100, in one device call (< 8 minutes): ``tiermem bench moe`` per workload.
+
+Run from the repository root with the shared traces copied to ``.traces/``::
+
+    PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe           # full suite (acceptance set first)
+    PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --quick   # a 1-minute smoke run
+    PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --only qwen3-30b-a3b@qwen   # one workload
+
+Each workload writes ``<out>/<workload>/moe.jsonl`` (one JSON line per run, summary and workload
+header with the raw pinned copy bandwidth measured in the same process). Workloads after the time
+guard are skipped and listed in ``<out>/skipped.json``. The last thing printed is one summary table
+over every workload (tokens/s against LRU, gap closed, transfer efficiency, overlap ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tiermem.bench.moe import PREFETCH_MIN_SCORE, print_summary, print_table, run_suite
+
+TIME_GUARD_S = 390.0  # start no workload after this: the device call must end within 8 minutes
+
+# (workload, fractions, batches, max batch-1 steps): the acceptance set first, then the extra shapes.
+FULL = (
+    ("qwen1.5-moe-a2.7b@qwen", (0.25, 0.5), (1, 8, 64), 160),
+    ("qwen3-30b-a3b@qwen", (0.25, 0.5), (1, 8, 64), 160),
+    ("deepseek-v2-lite@uniform", (0.5,), (1, 64), 96),
+    ("mixtral-8x7b@mixtral", (0.5,), (1,), 40),
+)
+QUICK = (("qwen3-30b-a3b@qwen", (0.25,), (1, 8), 24),)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--traces-dir", default=".traces", help="folder holding the shared .npz traces")
+    parser.add_argument("--quick", action="store_true", help="one small workload")
+    parser.add_argument("--prefetch-distance", type=int, default=1)
+    parser.add_argument("--prefetch-experts", type=int, default=2)
+    parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE)
+    parser.add_argument("--only", choices=[w for w, *_ in FULL], help="run just this workload of the full suite")
+    options = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(options.out)
+    began = time.perf_counter()
+    skipped = []
+    suite = QUICK if options.quick else tuple(w for w in FULL if options.only in (None, w[0]))
+    records = []
+    for workload, fractions, batches, max_steps in suite:
+        if time.perf_counter() - began > TIME_GUARD_S:
+            skipped.append(workload)
+            continue
+        args = argparse.Namespace(
+            workloads=[workload], fractions=list(fractions), batches=list(batches), max_steps=max_steps,
+            modes=["all_hbm", "lru", "lfu", "tiermem"], traces_dir=options.traces_dir, device="cuda",
+            out=str(out / workload.replace("@", "_")), quick=options.quick,
+            prefetch_distance=options.prefetch_distance, prefetch_experts=options.prefetch_experts,
+            prefetch_min_score=options.prefetch_min_score,
+        )
+        done = run_suite(args)
+        print_table(done)
+        records += done
+        print(f"{workload}: done at {time.perf_counter() - began:.0f} s", flush=True)
+    print_summary(records)
+    (out / "skipped.json").write_text(json.dumps({"skipped": skipped, "elapsed_s": time.perf_counter() - began}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""ExpertTierConfig: validation, slot counts, and the JSON that carries it to workers (no sglang needed)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from tiermem.errors import ConfigError
+
+from tiermem_sglang.config import ENV_VAR, ExpertTier, ExpertTierConfig, TableTier, publish, published
+from tiermem_sglang.flags import add_flags, config_from_namespace, incompatibilities
+
+NUM_EXPERTS = 64
+TOP_K = 8
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_flags(None, parser)
+    return parser.parse_args(list(argv))
+
+
+def test_flags_parse_into_a_frozen_config():
+    config = config_from_namespace(parse("--expert-tier", "cxl", "--expert-tier-slots", "16",
+                                         "--expert-tier-predictor", "/t.npz", "--expert-tier-config", "/c.toml"))
+    assert config == ExpertTierConfig(expert_tier=ExpertTier.CXL, slots=16, predictor_path="/t.npz",
+                                      tiermem_config_path="/c.toml")
+    with pytest.raises(AttributeError):
+        config.slots = 4
+
+
+def test_no_flag_means_no_config():
+    assert config_from_namespace(parse()) is None
+
+
+def test_the_config_survives_its_json_payload_unchanged(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert published() is None
+    config = ExpertTierConfig(expert_tier=ExpertTier.DRAM, hbm_fraction=0.25, engram_table_tier=TableTier.CXL)
+    publish(config)
+    assert published() == config
+
+
+def test_a_malformed_payload_raises_instead_of_guessing(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, '{"expert_tier": "cxl", "slots": 4, "colour": "red"}')
+    with pytest.raises(ConfigError, match="unknown key"):
+        published()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"expert_tier": ExpertTier.CXL}, "needs exactly one HBM budget"),
+    ({"expert_tier": ExpertTier.CXL, "slots": 4, "hbm_fraction": 0.5}, "needs exactly one HBM budget"),
+    ({"expert_tier": ExpertTier.HBM, "slots": 4}, "only apply when experts are offloaded"),
+    ({"expert_tier": ExpertTier.CXL, "slots": 0}, "must be >= 1"),
+    ({"expert_tier": ExpertTier.CXL, "hbm_fraction": 1.0}, "which is --expert-tier hbm"),
+])
+def test_invalid_settings_raise_naming_the_flag(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ExpertTierConfig(**kwargs)
+
+
+def test_hbm_fraction_rounds_down_to_whole_slots():
+    assert ExpertTierConfig(expert_tier=ExpertTier.CXL, hbm_fraction=0.3).resident_slots(NUM_EXPERTS, TOP_K) == 19
+
+
+def test_slots_must_hold_one_token_and_leave_something_offloaded():
+    with pytest.raises(ConfigError, match="use --expert-tier-slots 8 or more"):
+        ExpertTierConfig(expert_tier=ExpertTier.CXL, slots=TOP_K - 1).resident_slots(NUM_EXPERTS, TOP_K)
+    with pytest.raises(ConfigError, match="nothing is offloaded"):
+        ExpertTierConfig(expert_tier=ExpertTier.CXL, slots=NUM_EXPERTS).resident_slots(NUM_EXPERTS, TOP_K)
+
+
+def test_rdma_homes_are_refused_until_tiermem_has_them():
+    problems = incompatibilities(ExpertTierConfig(expert_tier=ExpertTier.RDMA, slots=8), argparse.Namespace())
+    assert problems == [("--expert-tier rdma: experts are copied to HBM by DMA from host memory, and tiermem has no "
+                         "RDMA-peer expert home yet; use --expert-tier dram or cxl")]
+
+
+def test_all_hbm_accepts_any_parallelism():
+    assert incompatibilities(ExpertTierConfig(), argparse.Namespace(tp_size=8, enable_eplb=True)) == []

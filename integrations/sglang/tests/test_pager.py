@@ -1,0 +1,108 @@
+"""LayerPager: waves, residency and copies of one layer's experts, on a CPU (no sglang needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HIDDEN, INTERMEDIATE, NUM_EXPERTS, expert_weights
+from tiermem.errors import ConfigError
+from tiermem.experts.layout import ExpertLayout
+from tiermem.experts.placement import single_tier
+from tiermem.experts.store import ExpertStore
+
+from tiermem_sglang.pager import LayerPager, plan_waves
+
+LAYER = 3
+NUM_SLOTS = 3
+
+
+@pytest.fixture
+def experts():
+    return expert_weights()
+
+
+@pytest.fixture
+def pager(manager, experts):
+    layout = ExpertLayout.of(experts[0])
+    store = ExpertStore(manager, layout=layout, layers=[LAYER], num_experts=NUM_EXPERTS,
+                        placement=single_tier("cxl", 1, NUM_EXPERTS))
+    for index, tensors in enumerate(experts):
+        store.write(LAYER, index, tensors)
+    slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN), "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
+    pager = LayerPager(manager=manager, store=store, layer=LAYER, slots=slots)
+    pager.fill()
+    yield pager
+    store.close()
+
+
+def assert_slots_hold(pager: LayerPager, experts) -> None:
+    for expert in pager.resident_experts():
+        slot = pager.slot_of(expert)
+        for name in ("gate_up", "down"):
+            assert torch.equal(pager.slots[name][slot], experts[expert][name]), (expert, slot, name)
+
+
+def test_waves_put_resident_experts_first_and_never_exceed_the_slots():
+    waves = plan_waves([7, 1, 5, 0, 2], resident={0, 2}, num_slots=2)
+    assert waves == [[0, 2], [7, 1], [5]]
+    assert plan_waves([], resident={0}, num_slots=2) == [[]]
+
+
+def test_fill_starts_with_the_first_k_experts_in_their_slots(pager, experts):
+    assert pager.resident_experts() == set(range(NUM_SLOTS))
+    assert [pager.slot_of(e) for e in range(NUM_SLOTS)] == list(range(NUM_SLOTS))
+    assert_slots_hold(pager, experts)
+
+
+def test_every_wave_lands_the_home_bytes_of_its_experts_in_their_slots(pager, experts):
+    for wave in ([5, 6], [0, 7, 4], [1], [6, 2, 3]):
+        placed = pager.make_resident(wave)
+        assert sorted(placed) == sorted(wave)
+        assert len(set(placed.values())) == len(wave)
+        assert_slots_hold(pager, experts)
+
+
+def test_lru_evicts_the_least_recently_used_expert(pager):
+    pager.make_resident([0])
+    pager.make_resident([1])
+    pager.make_resident([5])  # experts 0, 1 were used; 2 was not since fill
+    assert pager.resident_experts() == {0, 1, 5}
+    pager.make_resident([6])
+    assert pager.resident_experts() == {1, 5, 6}
+
+
+def test_hits_and_misses_are_counted_per_needed_expert(pager):
+    pager.make_resident([0, 1, 4])
+    assert (pager.stats.hits, pager.stats.misses) == (2, 1)
+    assert pager.stats.bytes_loaded == pager.store.layout.payload_bytes
+
+
+def test_prefetched_experts_are_hits_of_the_next_wave_and_hold_their_bytes(pager, experts):
+    started = pager.prefetch({6: 0.9, 7: 0.8, 0: 0.1}, max_experts=2)
+    assert started == 2
+    placed = pager.make_resident([6, 7])
+    assert sorted(placed) == [6, 7]
+    assert (pager.stats.prefetch_hits, pager.stats.misses) == (2, 0)
+    assert_slots_hold(pager, experts)
+
+
+def test_prefetch_never_displaces_a_better_scored_resident_expert(pager):
+    started = pager.prefetch({0: 0.9, 1: 0.9, 2: 0.9, 5: 0.5}, max_experts=1)
+    assert started == 0
+    assert pager.resident_experts() == {0, 1, 2}
+
+
+def test_a_wave_larger_than_the_slots_is_refused(pager):
+    with pytest.raises(ConfigError, match="exceeds the 3 slots"):
+        pager.make_resident([0, 1, 2, 3])
+
+
+def test_slot_tensors_must_match_the_home_layout(manager, experts):
+    layout = ExpertLayout.of(experts[0])
+    store = ExpertStore(manager, layout=layout, layers=[LAYER], num_experts=NUM_EXPERTS,
+                        placement=single_tier("cxl", 1, NUM_EXPERTS))
+    wrong = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN, dtype=torch.bfloat16),
+             "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
+    with pytest.raises(ConfigError, match="slot tensor gate_up"):
+        LayerPager(manager=manager, store=store, layer=LAYER, slots=wrong)
+    store.close()

@@ -1,0 +1,76 @@
+"""Predictor-driven prefetching: a trace fits a predictor, a layer's routing prefetches the next layer's
+experts, and those become hits (no sglang needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import HIDDEN, INTERMEDIATE, NUM_EXPERTS, expert_weights
+from tiermem.errors import ConfigError
+from tiermem.experts.layout import ExpertLayout
+from tiermem.experts.placement import single_tier
+from tiermem.experts.store import ExpertStore
+from tiermem.predict.trace import RouteTrace, save_trace
+
+from tiermem_sglang.pager import LayerPager
+from tiermem_sglang.runtime import RoutePrefetcher, load_predictor
+
+NUM_LAYERS = 2
+NUM_SLOTS = 4
+TOP_K = 1
+SEQUENCES = 20
+TOKENS_PER_SEQUENCE = 10
+
+
+def chained_trace(path) -> None:
+    """Every token routes layer 0 -> expert e and layer 1 -> expert (e + 3) % E: perfectly predictable."""
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, NUM_EXPERTS, SEQUENCES * TOKENS_PER_SEQUENCE)
+    experts = np.stack([first, (first + 3) % NUM_EXPERTS], axis=1)[:, :, None]
+    seq_id = np.repeat(np.arange(SEQUENCES), TOKENS_PER_SEQUENCE)
+    pos = np.tile(np.arange(TOKENS_PER_SEQUENCE), SEQUENCES)
+    trace = RouteTrace(experts=experts, seq_id=seq_id, pos=pos, phase=np.ones_like(pos), num_experts=NUM_EXPERTS)
+    save_trace(trace, path)
+
+
+@pytest.fixture
+def pagers(manager):
+    experts = expert_weights()
+    layout = ExpertLayout.of(experts[0])
+    made = []
+    for layer in range(NUM_LAYERS):
+        store = ExpertStore(manager, layout=layout, layers=[layer], num_experts=NUM_EXPERTS,
+                            placement=single_tier("cxl", 1, NUM_EXPERTS), table=f"layer{layer}")
+        for index, tensors in enumerate(experts):
+            store.write(layer, index, tensors)
+        slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN),
+                 "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
+        pager = LayerPager(manager=manager, store=store, layer=layer, slots=slots)
+        pager.fill()
+        made.append(pager)
+    yield made
+    for pager in made:
+        pager.store.close()
+
+
+def test_a_trace_fits_a_predictor_whose_prefetches_become_hits(tmp_path, pagers):
+    chained_trace(tmp_path / "trace.npz")
+    prefetcher = RoutePrefetcher(load_predictor(tmp_path / "trace.npz"), num_experts=NUM_EXPERTS, top_k=TOP_K)
+    routed_first = torch.tensor([[2]])  # layer 1 will need (2 + 3) % 8 = 5, not among the filled experts 0..3
+    assert 5 not in pagers[1].resident_experts()
+    started = prefetcher.after_routing(0, routed_first, pagers)
+    assert started == 1 and 5 in pagers[1].resident_experts()
+    pagers[1].make_resident([5])
+    assert (pagers[1].stats.prefetch_hits, pagers[1].stats.misses) == (1, 0)
+
+
+def test_large_steps_are_not_prefetched(tmp_path, pagers):
+    chained_trace(tmp_path / "trace.npz")
+    prefetcher = RoutePrefetcher(load_predictor(tmp_path / "trace.npz"), num_experts=NUM_EXPERTS, top_k=TOP_K)
+    assert prefetcher.after_routing(0, torch.zeros(1000, TOP_K, dtype=torch.long), pagers) == 0
+
+
+def test_a_predictor_file_of_another_kind_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="neither a routing trace"):
+        load_predictor(tmp_path / "predictor.json")

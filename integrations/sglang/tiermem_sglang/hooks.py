@@ -1,0 +1,59 @@
+"""The hook that tiers a ``FusedMoE`` layer, and the checks it runs in a scheduler process first.
+
+``tier_routed_experts`` runs BEFORE ``FusedMoE.__init__`` and passes ``quant_method=TieredMoEMethod(...)``
+to routed-expert layers: ``FusedMoE``'s own argument for an explicit method ("overriding selection"),
+so SGLang's layer code runs unchanged. The base method ``FusedMoE`` would have chosen is chosen inside
+``TieredMoEMethod.create_weights``; a method the model passed itself is wrapped instead. Before the
+first layer is built, ``check_worker`` refuses what SGLang's resolved config has that tiering cannot
+serve (the CLI checked the raw flags; this also covers ``sglang.Engine`` without a CLI).
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+from typing import Any
+
+from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
+from sglang.srt.runtime_context import get_exec, get_model, get_parallel, get_spec, process_model_config
+
+from tiermem_sglang.config import ExpertTierConfig, published
+from tiermem_sglang.flags import incompatibilities, refuse
+from tiermem_sglang.method import TieredMoEMethod
+
+_FUSED_MOE_SIGNATURE = inspect.signature(FusedMoE.__init__)
+
+
+def tier_routed_experts(*args: Any, **kwargs: Any) -> tuple[tuple, dict] | None:
+    """BEFORE hook of ``FusedMoE.__init__``: hand routed-expert layers a ``TieredMoEMethod``."""
+    config = published()
+    if config is None or not config.offloads or getattr(args[0], "is_shared_fused_moe", False):
+        return None
+    check_worker(config)
+    bound = _FUSED_MOE_SIGNATURE.bind(*args, **kwargs)
+    if bound.arguments.get("num_fused_shared_experts"):
+        refuse(["fused shared experts are not tiered; add --disable-shared-experts-fusion"])
+    text_config = process_model_config().hf_text_config
+    top_k = bound.arguments.get("top_k") or text_config.num_experts_per_tok
+    bound.arguments["quant_method"] = TieredMoEMethod(
+        config, top_k=top_k, num_moe_layers=text_config.num_hidden_layers,
+        base_method=bound.arguments.get("quant_method"),
+    )
+    return bound.args, bound.kwargs
+
+
+def check_worker(config: ExpertTierConfig) -> None:
+    """Refuse, in a scheduler process, what SGLang's resolved config has that tiering cannot serve."""
+    parallel, moe = get_parallel(), get_exec().moe
+    view = SimpleNamespace(
+        tp_size=parallel.tp_size, ep_size=parallel.ep_size, pp_size=parallel.pp_size, dp_size=parallel.dp_size,
+        enable_paged_experts=moe.enable_paged_experts, enable_eplb=moe.enable_eplb,
+        speculative_algorithm=get_spec().speculative_algorithm, load_format=get_model().load_format,
+    )
+    problems = incompatibilities(config, view)
+    for phase, flag in ((Phase.DECODE, "--cuda-graph-backend-decode"), (Phase.PREFILL, "--cuda-graph-backend-prefill")):
+        if check_cuda_graph_backend(phase, Backend.FULL):
+            problems.append(f"{flag} full: a full CUDA graph cannot page experts on the host's decision; use "
+                            f"{flag} breakable (paging runs as an eager break) or {flag} disabled")
+    refuse(problems)

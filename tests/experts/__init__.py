@@ -1,0 +1,1 @@
+"""Tests of tiermem.experts, the prefetcher and tiermem bench moe."""

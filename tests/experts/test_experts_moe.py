@@ -1,0 +1,157 @@
+"""OffloadedMoE and tiermem.offload: bit-identical to the all-resident module, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tiermem.errors import CapacityError, ConfigError
+from tiermem.experts import OffloadedMoE, offload
+from tiermem.predict.base import RouteContext
+
+from .conftest import HIDDEN, NUM_EXPERTS, TOP_K, FusedExperts
+
+DECODE_STEPS = 6
+BATCH = 3
+
+
+class TopKRouter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.top_k = TOP_K
+        self.weight = nn.Parameter(torch.randn(NUM_EXPERTS, HIDDEN))
+
+    def forward(self, hidden):
+        logits = F.linear(hidden, self.weight)
+        weights, index = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), TOP_K, dim=-1)
+        return logits, (weights / weights.sum(dim=-1, keepdim=True)).to(hidden.dtype), index
+
+
+class ReferenceMoE(nn.Module):
+    """The transformers reference loop (eager experts), with a DeepSeek-style shared expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = TopKRouter()
+        self.experts = FusedExperts()
+        self.shared_experts = nn.Linear(HIDDEN, HIDDEN, bias=False)
+
+    def forward(self, hidden_states):
+        flat = hidden_states.view(-1, HIDDEN)
+        _, weights, index = self.gate(flat)
+        final = torch.zeros_like(flat)
+        mask = F.one_hot(index, num_classes=NUM_EXPERTS + 1).permute(2, 1, 0)
+        for expert in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+            pos, tokens = torch.where(mask[expert[0]])
+            gate, up = F.linear(flat[tokens], self.experts.gate_up_proj[expert[0]]).chunk(2, dim=-1)
+            out = F.linear(self.experts.act_fn(gate) * up, self.experts.down_proj[expert[0]])
+            final.index_add_(0, tokens, (out * weights[tokens, pos, None]).to(final.dtype))
+        return final.view(hidden_states.shape) + self.shared_experts(hidden_states)
+
+
+class Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = ReferenceMoE()
+
+
+class TinyModel(nn.Module):
+    def __init__(self, num_layers: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Layer() for _ in range(num_layers)])
+
+    def forward(self, hidden):
+        for layer in self.layers:
+            hidden = hidden + layer.mlp(hidden)
+        return hidden
+
+
+class FirstExperts:
+    """A predictor that always expects experts 0 and 1."""
+
+    def predict(self, context: RouteContext, distance: int) -> np.ndarray:
+        scores = np.zeros((distance, context.batch_size, context.num_experts), dtype=np.float32)
+        scores[:, :, :2] = 1.0
+        return scores
+
+
+@pytest.mark.parametrize("config, predictor", [
+    ({"resident_fraction": 0.34, "policy": "lru"}, None),
+    ({"resident_fraction": 0.5, "policy": "lfu", "slot_layout": "shared"}, None),
+    ({"resident_fraction": 0.34, "prefetch": {"distance": 1, "objects_per_layer": 1}}, FirstExperts()),
+])
+def test_offloaded_moe_is_bit_identical_to_the_resident_module(config, predictor):
+    torch.manual_seed(0)
+    model = TinyModel().eval()
+    prompt = torch.randn(BATCH, 5, HIDDEN)
+    steps = [torch.randn(BATCH, 1, HIDDEN) for _ in range(DECODE_STEPS)]
+    with torch.no_grad():
+        expected = [model(prompt)] + [model(x) for x in steps]
+        handle = offload(model, tier="sim", config=config, predictor=predictor)
+        got = [model(prompt)] + [model(x) for x in steps]
+    assert isinstance(model.layers[0].mlp, OffloadedMoE)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    stats = handle.stats()
+    assert stats["misses"] > 0 and 0.0 < stats["hit_rate"] < 1.0 and stats["bytes_by_tier"]["sim"] > 0
+    assert "gate.weight" in dict(model.layers[0].mlp.named_parameters())
+    handle.close()
+    handle.close()
+    with pytest.raises(ConfigError, match="closed"), torch.no_grad():
+        model(prompt)
+
+
+def test_a_budget_below_one_tokens_working_set_says_how_many_bytes_are_needed():
+    model = TinyModel()
+    with pytest.raises(CapacityError, match=r"needs \d+ object\(s\) = \d+ bytes"):
+        offload(model, tier="sim", hbm_budget_bytes=4096)
+
+
+def test_an_unknown_moe_layout_names_the_modules_found():
+    model = nn.Sequential(nn.Module())
+    model[0].experts = nn.ModuleList([nn.Linear(2, 2)])
+    with pytest.raises(ConfigError, match=r"Found: 0 \(Module: children \['experts'\]"):
+        offload(model, tier="sim", config={"resident_fraction": 0.5})
+
+
+def test_belady_is_refused_outside_the_simulator():
+    with pytest.raises(ConfigError, match="simulation only"):
+        offload(TinyModel(), tier="sim", config={"resident_fraction": 0.5, "policy": "belady"})
+
+
+
+
+def _tiny_transformers_models():
+    hf = pytest.importorskip("transformers")
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+    deepseek = dict(moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                    first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                    qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1, num_key_value_heads=4)
+    return {
+        "qwen3_moe": (hf.Qwen3MoeConfig, hf.Qwen3MoeForCausalLM,
+                      dict(moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2)),
+        "qwen2_moe": (hf.Qwen2MoeConfig, hf.Qwen2MoeForCausalLM,
+                      dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+                           num_experts_per_tok=2)),
+        "mixtral": (hf.MixtralConfig, hf.MixtralForCausalLM, dict(num_local_experts=8, num_experts_per_tok=2)),
+        "deepseek_v3": (hf.DeepseekV3Config, hf.DeepseekV3ForCausalLM, {**deepseek, "num_hidden_layers": 3}),
+    }, common
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"])
+def test_offloaded_transformers_model_gives_the_same_logits(arch):
+    models, common = _tiny_transformers_models()
+    config_cls, model_cls, extra = models[arch]
+    torch.manual_seed(0)
+    model = model_cls._from_config(config_cls(**{**common, **extra}), experts_implementation="eager").eval()
+    ids = torch.randint(0, common["vocab_size"], (2, 6))
+    with torch.no_grad():
+        expected = model(ids).logits
+        handle = offload(model, tier="sim", config={"resident_fraction": 0.25})
+        got = model(ids).logits
+    assert torch.equal(expected, got)
+    assert len(handle.blocks) == 2  # DeepSeek-V3: its first layer is dense (first_k_dense_replace=1)
+    handle.close()

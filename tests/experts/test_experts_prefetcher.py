@@ -1,0 +1,171 @@
+"""The HBM expert cache and the prefetcher on a CPU stand-in: hits, misses, waves, no duplicate copies, eviction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tiermem.experts.cache import ExpertCache
+from tiermem.experts.sources import ModuleExperts
+from tiermem.experts.store import ExpertStore
+from tiermem.manager import TierManager
+from tiermem.predict.base import RouteContext
+from tiermem.prefetch.prefetcher import PrefetchConfig, Prefetcher
+from tiermem.prefetch.window import LinkWindow
+from tiermem.residency.policies import PolicySignals
+from tiermem.residency.signals import ActivationCounts, PredictionScores
+from tiermem.residency.slots import SlotLayout
+
+from .conftest import NUM_EXPERTS, TOP_K
+
+LAYERS = (0, 1)
+SLOW_GBPS = 0.0002  # a modelled link slow enough that a copy of one tiny expert stays in flight for ~40 ms
+
+
+class FixedScores:
+    """A predictor that always scores the given experts 1 and the rest 0."""
+
+    def __init__(self, experts: list[int]) -> None:
+        self.experts = experts
+
+    def predict(self, context: RouteContext, distance: int) -> np.ndarray:
+        scores = np.zeros((distance, context.batch_size, context.num_experts), dtype=np.float32)
+        scores[:, :, self.experts] = 1.0
+        return scores
+
+
+def _setup(fused, *, slots: int, policy: str = "lru", bandwidth_gbps: float | None = None, predictor=None,
+           objects_per_layer: int = 2):
+    tier = {"kind": "sim", "capacity_bytes": "4MiB", "arena_bytes": "1MiB", "model_time": bandwidth_gbps is not None,
+            "bandwidth_gbps": bandwidth_gbps or 25.0, "latency_us": 0.0}
+    manager = TierManager.from_config({"tiers": [tier]})
+    store = ExpertStore.from_source(manager, ModuleExperts(dict.fromkeys(LAYERS, fused)), tier="sim")
+    predictions = PredictionScores()
+    cache = ExpertCache(layout=store.layout, layers=LAYERS, slots_per_group=slots, slot_layout=SlotLayout.PER_LAYER,
+                        device=torch.device("cpu"), policy=policy,
+                        signals=PolicySignals(counts=ActivationCounts(), predictions=predictions))
+    prefetcher = Prefetcher(cache, store, manager, predictor=predictor, predictions=predictions,
+                            config=PrefetchConfig(distance=1, objects_per_layer=objects_per_layer, link_fill=None))
+    return manager, store, cache, prefetcher
+
+
+def _serve(prefetcher: Prefetcher, store: ExpertStore, layer: int, experts: list[int], tick: int) -> None:
+    """Demand ``experts`` of ``layer`` and check each slot holds exactly the expert's home bytes."""
+    for wave in prefetcher.demand([store.key(layer, e) for e in experts], tick):
+        for key in wave:
+            assert torch.equal(prefetcher.ready(key), store.home(key))
+
+
+def _context(layer: int) -> RouteContext:
+    current = np.full((1, len(LAYERS), TOP_K), -1, dtype=np.int16)
+    return RouteContext(num_experts=NUM_EXPERTS, layer=layer, current=current)
+
+
+def test_a_miss_is_fetched_and_counted_then_hits(fused_experts):
+    manager, store, _, prefetcher = _setup(fused_experts, slots=2)
+    _serve(prefetcher, store, 0, [1, 4], tick=0)
+    _serve(prefetcher, store, 0, [4], tick=1)
+    stats = prefetcher.collect_stats()
+    assert (stats.demands, stats.hits, stats.misses) == (3, 1, 2)
+    assert stats.demand_bytes == 2 * store.layout.block_bytes == stats.bytes_by_tier["sim"]
+    manager.close()
+
+
+def test_lru_evicts_the_least_recently_used_expert(fused_experts):
+    manager, store, cache, prefetcher = _setup(fused_experts, slots=2, policy="lru")
+    for tick, expert in enumerate([0, 1, 0, 2]):
+        _serve(prefetcher, store, 0, [expert], tick)
+    assert cache.resident(0) == {store.key(0, 0), store.key(0, 2)}
+    manager.close()
+
+
+def test_lfu_keeps_the_most_used_expert(fused_experts):
+    manager, store, cache, prefetcher = _setup(fused_experts, slots=2, policy="lfu")
+    counts = cache.policy.counts
+    for tick, expert in enumerate([1, 1, 1, 0, 2]):
+        counts.record(store.key(0, expert), tick)
+        _serve(prefetcher, store, 0, [expert], tick)
+    assert cache.resident(0) == {store.key(0, 1), store.key(0, 2)}
+    manager.close()
+
+
+def test_prefetch_never_duplicates_a_load_in_flight(fused_experts):
+    manager, store, cache, prefetcher = _setup(fused_experts, slots=3, bandwidth_gbps=SLOW_GBPS,
+                                               predictor=FixedScores([2, 5]))
+    assert prefetcher.prefetch(_context(0), tick=0) == 2
+    assert prefetcher.prefetch(_context(0), tick=1) == 0  # both still in flight: nothing new
+    assert cache.in_flight(1) == {store.key(1, 2), store.key(1, 5)}
+    assert manager.engine.stats()["h2h_bytes"] == 2 * store.layout.block_bytes
+    prefetcher.drain()
+    assert prefetcher.prefetch(_context(0), tick=2) == 0  # resident now
+    assert prefetcher.collect_stats().prefetch_loads == 2
+    manager.close()
+
+
+def test_demanding_an_expert_in_flight_is_a_late_hit_that_waits_for_its_bytes(fused_experts):
+    manager, store, _, prefetcher = _setup(fused_experts, slots=2, bandwidth_gbps=SLOW_GBPS,
+                                           predictor=FixedScores([3]), objects_per_layer=1)
+    prefetcher.prefetch(_context(0), tick=0)
+    _serve(prefetcher, store, 1, [3], tick=1)
+    stats = prefetcher.collect_stats()
+    assert (stats.hits, stats.late, stats.misses, stats.prefetch_used) == (1, 1, 0, 1)
+    assert stats.stall_s > 0.005 and stats.prefetch_precision == 1.0 and stats.prefetch_recall == 1.0
+    manager.close()
+
+
+def test_a_layer_needing_more_experts_than_its_slots_runs_in_waves(fused_experts):
+    manager, store, cache, prefetcher = _setup(fused_experts, slots=2)
+    _serve(prefetcher, store, 0, list(range(NUM_EXPERTS)), tick=0)
+    stats = prefetcher.collect_stats()
+    assert stats.misses == NUM_EXPERTS and stats.extra_waves == NUM_EXPERTS // 2 - 1
+    assert len(cache.resident(0)) == 2 and not cache.snapshot().pinned
+    manager.close()
+
+
+def test_prefetch_evicts_only_less_likely_experts(fused_experts):
+    manager, store, cache, prefetcher = _setup(fused_experts, slots=2, policy="predicted",
+                                               predictor=FixedScores([4]), objects_per_layer=1)
+    _serve(prefetcher, store, 1, [0, 1], tick=0)
+    assert prefetcher.prefetch(_context(0), tick=1) == 1
+    prefetcher.drain()
+    assert store.key(1, 4) in cache.resident(1) and len(cache.resident(1)) == 2
+    assert prefetcher.collect_stats().prefetch_loads == 1
+    manager.close()
+
+
+def test_a_predictor_returning_the_wrong_shape_is_refused(fused_experts):
+    class Wrong:
+        def predict(self, context, distance):
+            return np.zeros((distance, NUM_EXPERTS))
+
+    manager, _, _, prefetcher = _setup(fused_experts, slots=2, predictor=Wrong())
+    with pytest.raises(Exception, match="Predictor protocol requires"):
+        prefetcher.prefetch(_context(0), tick=0)
+    manager.close()
+
+
+def test_link_window_allows_no_prefetch_until_a_layer_is_measured_then_the_idle_bytes():
+    window = LinkWindow(bandwidth_gbps=1.0, fill=0.5, smoothing=1.0)
+    assert window.budget_bytes() == 0
+    window.layer_started(now_s=0.0)
+    window.demanded(1_000_000)  # 1 ms of the 1 GB/s link
+    window.layer_started(now_s=0.003)  # a 3 ms layer leaves 2 ms idle
+    assert window.budget_bytes() == 1_000_000  # half of 2 ms x 1 GB/s
+
+
+def test_a_layer_whose_demand_filled_the_link_leaves_no_prefetch_room():
+    window = LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0)
+    window.layer_started(now_s=0.0)
+    window.demanded(5_000_000)
+    window.layer_started(now_s=0.002)
+    assert window.budget_bytes() == 0
+
+
+def test_a_layers_misses_are_one_submit_yet_each_lands_exactly(fused_experts):
+    manager, store, _, prefetcher = _setup(fused_experts, slots=4)
+    submits_before = manager.engine.stats()["h2h_bytes"]
+    _serve(prefetcher, store, 0, [0, 1, 2], tick=0)
+    assert manager.engine.stats()["h2h_bytes"] - submits_before == 3 * store.layout.block_bytes
+    assert prefetcher.collect_stats().misses == 3
+    manager.close()

@@ -1,0 +1,122 @@
+"""Baseline predictors on synthetic traces whose structure says which predictor must win."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tiermem.errors import TraceError
+from tiermem.predict import PREDICTORS
+from tiermem.predict.activation_match import ActivationMatchPredictor
+from tiermem.predict.base import RouteContext
+from tiermem.predict.cooccurrence import CoOccurrencePredictor
+from tiermem.predict.eval import evaluate
+from tiermem.predict.frequency import FrequencyConfig, FrequencyPredictor
+from tiermem.predict.nextgate import NextGatePredictor
+from tiermem.predict.oracle import OracleRoutes
+from tiermem.predict.synthetic import SyntheticConfig, gate_routed_trace, synthetic_trace
+from tiermem.predict.trace import RouteTrace, sequence_folds
+
+LAYERS, EXPERTS, TOP_K = 4, 16, 2
+BASE = {"num_sequences": 8, "prefill_tokens": 4, "decode_tokens": 24, "num_layers": LAYERS, "num_experts": EXPERTS,
+        "top_k": TOP_K}
+RANDOM_RECALL = TOP_K / EXPERTS
+
+
+def split(config: SyntheticConfig) -> tuple[RouteTrace, RouteTrace]:
+    return sequence_folds(synthetic_trace(config), 2)[0]
+
+
+def baselines(train: RouteTrace) -> dict:
+    return {
+        "popularity": FrequencyPredictor.fit(train, FrequencyConfig(sequence_weight=0.0)),
+        "frequency": FrequencyPredictor.fit(train),
+        "cooccurrence": CoOccurrencePredictor.fit(train),
+        "activation-match": ActivationMatchPredictor.fit(train),
+    }
+
+
+def test_a_deterministic_layer_transition_gives_co_occurrence_perfect_recall():
+    train, test = split(SyntheticConfig(**BASE, layer_correlation=1.0))
+    report = evaluate(baselines(train), test, anchors=range(LAYERS - 1))
+    for phase in ("prefill", "decode"):
+        assert report.tally("cooccurrence", phase, 1).recall_k > 0.99
+        assert report.tally("popularity", phase, 1).recall_k < 0.5
+
+
+def test_on_pure_popularity_the_frequency_predictor_wins():
+    train, test = split(SyntheticConfig(**BASE, zipf_exponent=1.2, seed=2))
+    report = evaluate(baselines(train), test)
+    for distance in (1, 2):
+        frequency = report.tally("popularity", "decode", distance).recall_k
+        others = [report.tally(name, "decode", distance).recall_k for name in report.predictors]
+        assert frequency >= max(others) - 0.01
+        assert frequency > RANDOM_RECALL + 0.15
+
+
+def test_temporal_reuse_is_caught_by_the_step_table():
+    train, test = split(SyntheticConfig(**{**BASE, "num_sequences": 16}, reuse_probability=0.9, seed=3))
+    report = evaluate(baselines(train), test, anchors=range(-1, 0))  # layer 0 from the previous step only
+    reuse = report.tally("cooccurrence", "decode", 1).recall_k
+    assert reuse > 0.65  # sets repeat with ~0.88 overlap; the averaged step-table rows catch most of it
+    assert reuse > report.tally("popularity", "decode", 1).recall_k + 0.4
+
+
+def test_activation_matching_recognises_the_kind_of_sequence():
+    rng = np.random.default_rng(4)
+    tokens, sequences = 20, 8
+    halves = np.arange(sequences) % 2  # even sequences use experts 0-7, odd ones 8-15
+    experts = np.stack([[[rng.permutation(8)[:TOP_K] + 8 * halves[s] for _ in range(LAYERS)]
+                         for _ in range(tokens)] for s in range(sequences)]).reshape(-1, LAYERS, TOP_K)
+    trace = RouteTrace(experts=experts, seq_id=np.repeat(np.arange(sequences), tokens),
+                       pos=np.tile(np.arange(tokens), sequences), phase=np.ones(sequences * tokens, dtype=np.uint8), num_experts=16)
+    train = trace.select_sequences([0, 1, 2, 3, 4, 5])
+    test = trace.select_sequences([6, 7])
+    report = evaluate(baselines(train), test)
+    matched = report.tally("activation-match", "decode", 2).recall_2k
+    assert matched > report.tally("popularity", "decode", 2).recall_2k + 0.2
+    assert matched > 0.45  # 2k = 4 guesses among the 8 experts of the right half: 0.5
+
+
+def test_next_gate_speculation_recovers_routing_from_hidden_states():
+    config = SyntheticConfig(**BASE)
+    trace, gates = gate_routed_trace(config, hidden_size=32, drift=0.05)
+    train, test = sequence_folds(trace, 2)[0]
+    report = evaluate({"next-gate": NextGatePredictor(gates), "popularity": FrequencyPredictor.fit(train)}, test,
+                      anchors=range(-1, LAYERS - 1))
+    assert report.tally("next-gate", "decode", 1).recall_k > 0.9
+    assert report.tally("popularity", "decode", 1).recall_k < 0.3
+
+
+def test_next_gate_without_hidden_states_says_where_they_come_from():
+    _, gates = gate_routed_trace(SyntheticConfig(**BASE))
+    context = RouteContext(num_experts=EXPERTS, layer=0, current=np.full((1, LAYERS, TOP_K), -1, np.int16))
+    with pytest.raises(TraceError, match="hidden"):
+        NextGatePredictor(gates).predict(context, 1)
+
+
+def test_the_oracle_is_perfect_and_fills_half_of_a_2k_set():
+    _, test = split(SyntheticConfig(**BASE))
+    report = evaluate({"oracle": OracleRoutes(test)}, test)
+    for phase in ("prefill", "decode"):
+        tally = report.tally("oracle", phase, 1)
+        assert tally.recall_k == 1.0 and tally.recall_2k == 1.0 and tally.precision_2k == 0.5
+
+
+def test_every_registered_predictor_builds_from_its_default_config():
+    train, test = split(SyntheticConfig(**BASE))
+    assert set(PREDICTORS.names()) == {"frequency", "cooccurrence", "activation-match", "learned"}
+    for name in ("frequency", "cooccurrence", "activation-match"):
+        entry = PREDICTORS.get(name)
+        predictor = entry.factory(entry.config_cls(), train)
+        context = RouteContext(num_experts=EXPERTS, layer=1, current=test.experts[:3])
+        scores = predictor.predict(context, 3)
+        assert scores.shape == (3, 3, EXPERTS) and scores.dtype == np.float32
+
+
+def test_a_context_of_another_model_shape_is_refused():
+    train, _ = split(SyntheticConfig(**BASE))
+    context = RouteContext(num_experts=EXPERTS * 2, layer=0, current=np.full((1, LAYERS, TOP_K), -1, np.int16))
+    for predictor in baselines(train).values():
+        with pytest.raises(TraceError, match="built for"):
+            predictor.predict(context, 1)

@@ -1,0 +1,410 @@
+"""``tiermem bench moe``: replay routing traces through real-shaped expert layers, offloaded vs all in HBM.
+
+For each workload (expert shape x routing trace), resident fraction and decode batch, one run per
+mode, all in one process, every run on the same store and the same steps:
+
+| mode      | what                                                                           |
+|-----------|--------------------------------------------------------------------------------|
+| all_hbm   | every expert resident (warmed before timing): the upper bound, compute only    |
+| lru       | on-demand fetch, LRU eviction (SGLang paged experts, mixtral-offloading)        |
+| lfu       | on-demand fetch, LFU eviction (MoE-Infinity)                                    |
+| tiermem   | prediction-aware eviction + prefetch (co-occurrence predictor, cross-fitted)   |
+
+Steps are the simulator's (``tiermem.simulate``): static batches of whole sequences, step-aligned,
+each batch starting with a cold cache; the simulator's LRU/LFU/Belady hit rates on the very same
+sequences are reported beside the measured ones, and tiermem's share of the LRU -> Belady gap.
+Real traces name their experts and top-k; the layer shape (hidden, intermediate) comes from the
+named model config. Weights are random, generated on the device and copied down (never CPU RNG).
+Raw pinned ``copy_`` bandwidth, measured in the same run, is the denominator of transfer efficiency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from tiermem.experts.layout import ExpertLayout
+from tiermem.experts.placement import single_tier
+from tiermem.experts.runtime import ExpertRuntime, OffloadConfig
+from tiermem.experts.store import ExpertStore
+from tiermem.manager import ManagerConfig, TierManager
+from tiermem.predict.base import RouteContext
+from tiermem.predict.cooccurrence import CoOccurrenceConfig, CoOccurrencePredictor
+from tiermem.predict.trace import RouteTrace
+from tiermem.predict.trace import load_trace as load_route_trace
+from tiermem.prefetch.prefetcher import PrefetchConfig
+from tiermem.simulate.engine import SimConfig, simulate
+from tiermem.simulate.steps import Step, build_steps
+from tiermem.simulate.trace import SimTrace, batch_groups, synthetic_trace
+from tiermem.simulate.trace import load_trace as load_sim_trace
+
+log = logging.getLogger("tiermem.bench")
+
+MODES = ("all_hbm", "lru", "lfu", "tiermem")
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """One routed expert of a real model: hidden and intermediate sizes, and its routing width."""
+
+    hidden: int
+    intermediate: int
+    num_experts: int
+    top_k: int
+
+
+SHAPES = {  # from the models' published configs
+    "qwen1.5-moe-a2.7b": ExpertShape(2048, 1408, 60, 4),
+    "qwen3-30b-a3b": ExpertShape(2048, 768, 128, 8),
+    "mixtral-8x7b": ExpertShape(4096, 14336, 8, 2),
+    "deepseek-v2-lite": ExpertShape(2048, 1408, 64, 6),
+    "deepseek-v3": ExpertShape(7168, 2048, 256, 8),
+    "tiny": ExpertShape(64, 32, 16, 2),  # CPU smoke runs
+}
+REAL_TRACES = {"qwen": "qwen1.5-moe-a2.7b-chat_vllm-moe-logger.npz", "mixtral": "mixtral-8x7b-instruct-fp8_speculative-moe.npz"}
+
+
+@dataclass(frozen=True, eq=False)
+class Workload:
+    """An expert shape driven by a routing trace (real, or synthetic uniform)."""
+
+    name: str
+    shape: ExpertShape
+    trace: SimTrace
+    routes: RouteTrace | None  # the same trace in the predictor's format (None: synthetic, no predictor)
+
+
+class CrossFitted:
+    """A co-occurrence predictor fitted on the other half of the sequences (seq_id parity) of each row.
+
+    The bench sets ``seqs`` (the sequence of each batch row) before each step, so no row is ever
+    predicted by tables that saw its own sequence.
+    """
+
+    def __init__(self, routes: RouteTrace, distance: int) -> None:
+        config = CoOccurrenceConfig(max_distance=max(distance, 1))
+        seqs = routes.sequence_ids
+        self.models = [CoOccurrencePredictor.fit(routes.select_sequences(seqs[seqs % 2 != parity]), config)
+                       for parity in (0, 1)]
+        self.seqs = np.zeros(0, dtype=np.int64)
+
+    def predict(self, context: RouteContext, distance: int) -> np.ndarray:
+        parity = self.seqs % 2
+        if (parity == parity[0]).all():  # one model serves every row (always at batch 1): predict once
+            return self.models[int(parity[0])].predict(context, distance)
+        parity = parity[None, :, None]
+        return np.where(parity == 0, self.models[0].predict(context, distance), self.models[1].predict(context, distance))
+
+
+def workloads(traces_dir: Path, names: list[str], quick: bool) -> list[Workload]:
+    """``shape@trace`` names, e.g. ``qwen3-30b-a3b@qwen`` (real) or ``deepseek-v2-lite@uniform``."""
+    out = []
+    for name in names:
+        shape_name, _, trace_name = name.partition("@")
+        shape = SHAPES[shape_name]
+        if trace_name == "uniform":
+            trace = synthetic_trace(num_layers=4 if quick else 8, num_experts=shape.num_experts, top_k=shape.top_k,
+                                    num_sequences=64, decode_steps=16 if quick else 48, seed=0)
+            out.append(Workload(name, shape, trace, None))
+            continue
+        path = traces_dir / REAL_TRACES[trace_name]
+        routes = load_route_trace(path).mask_unaligned_layers().restrict_to_layers_with_data()
+        trace = _restrict(load_sim_trace(path), 8 if trace_name == "mixtral" else None)
+        routes = routes.select_slots(np.searchsorted(routes.layer_ids, trace.layers))
+        out.append(Workload(name, replace(shape, num_experts=trace.num_experts, top_k=trace.top_k), trace, routes))
+    return out
+
+
+def build_store(manager: TierManager, shape: ExpertShape, layers: tuple[int, ...], device: torch.device,
+                dtype: torch.dtype) -> ExpertStore:
+    """A store of random experts (bf16 N(0, 0.02)), generated on ``device`` and copied to the dram tier."""
+    layout = ExpertLayout.build([("gate_up", (2 * shape.intermediate, shape.hidden), dtype),
+                                 ("down", (shape.hidden, shape.intermediate), dtype)])
+    store = ExpertStore(manager, layout=layout, layers=layers, num_experts=shape.num_experts,
+                        placement=single_tier("dram", len(layers), shape.num_experts))
+    generator = torch.Generator(device=device).manual_seed(0)
+    for layer in layers:
+        for expert in range(shape.num_experts):
+            tensors = {t.name: torch.randn(t.shape, generator=generator, device=device, dtype=dtype) * 0.02
+                       for t in layout.tensors}
+            store.write(layer, expert, tensors)
+    return store
+
+
+def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str, fraction: float, batch: int,
+             device: torch.device, prefetch: PrefetchConfig) -> dict[str, Any]:
+    """Replay ``steps`` through one runtime; returns the record of the run."""
+    shape = work.shape
+    predictor = CrossFitted(work.routes, prefetch.distance) if mode == "tiermem" and work.routes is not None else None
+    policy = {"all_hbm": "lru", "lru": "lru", "lfu": "lfu", "tiermem": "predicted" if predictor else "lfu"}[mode]
+    config = OffloadConfig(resident_fraction=1.0 if mode == "all_hbm" else fraction, policy=policy,
+                           prefetch=prefetch if predictor else PrefetchConfig(distance=0))
+    runtime = ExpertRuntime(store, config, device=device, top_k=shape.top_k, predictor=predictor)
+    hidden = torch.randn(batch, shape.hidden, device=device, dtype=store.layout.tensors[0].dtype)
+    weights = torch.full((batch, shape.top_k), 1.0 / shape.top_k, device=device, dtype=hidden.dtype)
+    if mode == "all_hbm":
+        _warm_all(runtime, store, hidden, weights)
+    _sync(device)
+    began = time.perf_counter()
+    tokens = 0
+    for step in steps:
+        rows = len(step.rows)
+        if predictor is not None:
+            predictor.seqs = np.asarray(step.seqs)
+        for layer in store.layers:
+            index = torch.from_numpy(step.experts[:, layer].astype(np.int64)).to(device)
+            runtime.run_layer(layer, hidden[:rows], index, weights[:rows], F.silu)
+        tokens += rows
+    _sync(device)
+    elapsed = time.perf_counter() - began
+    stats = runtime.stats()
+    runtime.close()
+    moved = stats["demand_bytes"] + stats["prefetch_bytes"]
+    return {"mode": mode, "policy": policy, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
+            "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
+            "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
+                "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
+                "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes")}}
+
+
+def simulated_hit_rates(trace: SimTrace, fraction: float, batch: int) -> dict[str, float]:
+    """The simulator's LRU, LFU and Belady (oracle) hit rates on the same steps."""
+    return {f"sim_{p}": simulate(trace, SimConfig(policy=p, resident_fraction=fraction, batch_size=batch)).hit_rate
+            for p in ("lru", "lfu", "belady")}
+
+
+def copy_bandwidth_gbps(manager: TierManager, device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """Raw pinned host-to-device ``copy_`` bandwidth (best of ``repeats``), the physical ceiling."""
+    host = manager.empty(nbytes, tier="dram")
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = 0.0
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        best = max(best, nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
+    manager.free(host)
+    return best
+
+
+def expert_load_gbps(store: ExpertStore, device: torch.device, count: int, per_submit: int) -> float:
+    """Bandwidth of ``count`` back-to-back expert loads as the prefetcher issues them: one submit per
+    ``per_submit`` experts (a layer's misses), one copy and one completion event per expert."""
+    keys = [store.key_at(i % len(store.layers), i % store.num_experts) for i in range(count)]
+    slots = torch.empty((count, store.layout.block_bytes), dtype=torch.uint8, device=device)
+    torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    handles = [store.manager.copy([(store.home(keys[i]), slots[i]) for i in range(first, min(first + per_submit, count))])
+               for first in range(0, count, per_submit)]
+    for handle in handles:
+        handle.wait()
+    elapsed = time.perf_counter() - began
+    return count * store.layout.block_bytes / elapsed / 1e9
+
+
+def _warm_all(runtime: ExpertRuntime, store: ExpertStore, hidden: torch.Tensor, weights: torch.Tensor) -> None:
+    """Load every expert once (all slots) so that the timed replay never copies."""
+    k = runtime.top_k
+    for layer in store.layers:
+        for first in range(0, store.num_experts, k):
+            ids = [(first + j) % store.num_experts for j in range(k)]
+            index = torch.tensor([ids], dtype=torch.int64, device=hidden.device)
+            runtime.run_layer(layer, hidden[:1], index, weights[:1], F.silu)
+    runtime.prefetcher.drain()
+    runtime.prefetcher.reset_stats()
+
+
+def _restrict(trace: SimTrace, max_layers: int | None) -> SimTrace:
+    if max_layers is None or len(trace.layers) <= max_layers:
+        return trace
+    return replace(trace, layers=trace.layers[:max_layers])
+
+
+def _subset(trace: SimTrace, seqs: list[int]) -> SimTrace:
+    rows = np.isin(trace.seq_id, seqs)
+    return replace(trace, experts=trace.experts[rows], seq_id=trace.seq_id[rows], phase=trace.phase[rows])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- the suite ---------------------------------------------------------------------------------
+DEFAULT_WORKLOADS = ("qwen1.5-moe-a2.7b@qwen", "qwen3-30b-a3b@qwen", "mixtral-8x7b@mixtral", "deepseek-v2-lite@uniform")
+QUICK_WORKLOADS = ("qwen1.5-moe-a2.7b@qwen",)
+PREFETCH_MIN_SCORE = 0.0  # co-occurrence scores are not calibrated probabilities (top-2 precision ~0.55 at batch 1)
+
+
+def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every run of the suite; returns (and writes, one JSON line each) the records."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("tiermem bench moe: --device cuda but CUDA is not available; use --device cpu for a smoke run")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sink = (out / "moe.jsonl").open("w")
+    records: list[dict[str, Any]] = []
+
+    def emit(record: dict[str, Any]) -> None:
+        records.append(record)
+        sink.write(json.dumps(record) + "\n")
+        sink.flush()
+        log.info("%s", record)
+
+    raw_gbps = None
+    for work in workloads(Path(args.traces_dir), args.workloads, args.quick):
+        layers = work.trace.layers
+        nbytes = len(layers) * work.shape.num_experts * (3 * work.shape.hidden * work.shape.intermediate * 2 + 8192)
+        manager = TierManager(ManagerConfig.from_dict({"tiers": [  # the store, plus room for arena tails
+            {"kind": "dram", "capacity_bytes": nbytes + (2 << 30), "arena_bytes": "1GiB"}]}))
+        if device.type == "cuda":  # on the fresh tier, before the store fragments it; freed again at once
+            raw_gbps = copy_bandwidth_gbps(manager, device, 1 << 30)
+        began = time.perf_counter()
+        store = build_store(manager, work.shape, layers, device, dtype)
+        header = {"kind": "workload", "workload": work.name, "layers": list(layers), "shape": work.shape.__dict__,
+                  "expert_bytes": store.layout.block_bytes, "store_bytes": store.nbytes,
+                  "fill_s": time.perf_counter() - began}
+        if device.type == "cuda":
+            count = min(64, len(layers) * work.shape.num_experts, max(4, (4 << 30) // store.layout.block_bytes))
+            loads_gbps = expert_load_gbps(store, device, count, per_submit=work.shape.top_k)
+            header.update(raw_copy_gbps=raw_gbps, expert_load_gbps=loads_gbps, transfer_efficiency=loads_gbps / raw_gbps)
+        prefetch = PrefetchConfig(distance=args.prefetch_distance, objects_per_layer=args.prefetch_experts,
+                                  min_score=args.prefetch_min_score, link_gbps=raw_gbps)
+        emit(header)
+        for batch in args.batches:
+            steps, seqs = _steps(work.trace, batch, args.max_steps if batch == 1 else max(args.max_steps // 4, 8))
+            compute_only = None
+            if "all_hbm" in args.modes:
+                compute_only = run_mode(store, work, steps, mode="all_hbm", fraction=1.0, batch=batch, device=device,
+                                        prefetch=prefetch)
+                emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": 1.0, **compute_only})
+            for fraction in args.fractions:
+                runs = {}
+                for mode in (m for m in args.modes if m != "all_hbm"):
+                    runs[mode] = run_mode(store, work, steps, mode=mode, fraction=fraction, batch=batch,
+                                          device=device, prefetch=prefetch)
+                    emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": fraction,
+                          **_checks(runs[mode], compute_only, raw_gbps)})
+                emit(_summary(work, batch, fraction, runs, simulated_hit_rates(_subset(work.trace, seqs), fraction, batch)))
+        store.close()
+        manager.close()
+    sink.close()
+    return records
+
+
+def _steps(trace: SimTrace, batch: int, max_steps: int) -> tuple[list[Step], list[int]]:
+    """Whole batches of sequences, in trace order, until at least ``max_steps`` steps (at least one batch)."""
+    steps: list[Step] = []
+    seqs: list[int] = []
+    for group in batch_groups(trace, batch):
+        if steps and len(steps) >= max_steps:
+            break
+        steps += build_steps(trace, group, False)
+        seqs += list(group)
+    return steps, seqs
+
+
+def _checks(run: dict[str, Any], compute_only: dict[str, Any] | None, raw_gbps: float | None) -> dict[str, Any]:
+    """Link utilisation and the overlap check: step time vs max(compute-only, moved bytes / peak)."""
+    if raw_gbps is None or compute_only is None:
+        return run
+    transfer_s = run["bytes_per_step"] / (raw_gbps * 1e9)
+    bound = max(compute_only["step_time_s"], transfer_s)
+    return {**run, "link_utilisation": run["bytes_moved"] / run["elapsed_s"] / (raw_gbps * 1e9),
+            "overlap_bound_s": bound, "overlap_ratio": run["step_time_s"] / bound,
+            "overlap_ok": run["step_time_s"] <= 1.15 * bound}
+
+
+def _summary(work: Workload, batch: int, fraction: float, runs: dict[str, dict[str, Any]],
+             simulated: dict[str, float]) -> dict[str, Any]:
+    """Per (workload, batch, fraction): hit rates vs the bounds, gap closed, tokens/s ratio."""
+    record: dict[str, Any] = {"kind": "summary", "workload": work.name, "batch": batch, "fraction": fraction,
+                              **simulated, **{f"{m}_hit_rate": r["hit_rate"] for m, r in runs.items()},
+                              **{f"{m}_tokens_per_s": r["tokens_per_s"] for m, r in runs.items()}}
+    if "tiermem" in runs and "lru" in runs:
+        gap = simulated["sim_belady"] - runs["lru"]["hit_rate"]
+        record["gap_closed"] = (runs["tiermem"]["hit_rate"] - runs["lru"]["hit_rate"]) / gap if gap > 0 else None
+        record["tokens_per_s_vs_lru"] = runs["tiermem"]["tokens_per_s"] / runs["lru"]["tokens_per_s"]
+    return record
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``tiermem bench moe``: register the subcommand on the ``bench`` subparsers."""
+    parser = subparsers.add_parser("moe", help="replay routing traces through offloaded expert layers (GPU)",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("--traces-dir", default=".traces", help="folder of the shared .npz routing traces")
+    parser.add_argument("--workloads", nargs="+", default=None,
+                        help=f"shape@trace names (trace: qwen, mixtral, uniform); default {list(DEFAULT_WORKLOADS)}")
+    parser.add_argument("--fractions", nargs="+", type=float, default=None, help="resident fractions (0.25 0.5)")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="decode batch sizes (1 8 64)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--max-steps", type=int, default=None, help="decode steps per batch-1 run (others: a quarter)")
+    parser.add_argument("--prefetch-distance", type=int, default=1, help="MoE layers ahead tiermem prefetches")
+    parser.add_argument("--prefetch-experts", type=int, default=2, help="experts tiermem may prefetch per layer")
+    parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE,
+                        help="prefetch only experts with more expected uses in the batch than this")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
+    parser.add_argument("--out", default="tiermem-results/moe", help="output folder (moe.jsonl)")
+    parser.add_argument("--quick", action="store_true", help="one workload, one fraction, batches 1 and 8, few steps")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    args.workloads = args.workloads or list(QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS)
+    args.fractions = args.fractions or ([0.25] if args.quick else [0.25, 0.5])
+    args.batches = args.batches or ([1, 8] if args.quick else [1, 8, 64])
+    args.max_steps = args.max_steps or (40 if args.quick else 240)
+    records = run_suite(args)
+    print_table(records)
+    print_summary(records)
+    return 0
+
+
+def print_summary(records: list[dict[str, Any]]) -> None:
+    """One row per (workload, batch, fraction): the acceptance figures of tiermem against LRU."""
+    table = Table(title="tiermem bench moe: acceptance summary")
+    for column in ("workload", "batch", "fraction", "tok/s lru", "tok/s tiermem", "vs lru", "hit lru", "hit tiermem",
+                   "belady", "gap closed", "xfer eff", "overlap lru", "overlap tiermem"):
+        table.add_column(column)
+    efficiency = {r["workload"]: r.get("transfer_efficiency") for r in records if r["kind"] == "workload"}
+    overlap = {(r["workload"], r["batch"], r["fraction"], r["mode"]): r.get("overlap_ratio")
+               for r in records if r["kind"] == "run"}
+    for r in (r for r in records if r["kind"] == "summary"):
+        where = (r["workload"], r["batch"], r["fraction"])
+        table.add_row(r["workload"], str(r["batch"]), f"{r['fraction']:.2f}", _fmt(r.get("lru_tokens_per_s"), ".1f"),
+                      _fmt(r.get("tiermem_tokens_per_s"), ".1f"), _fmt(r.get("tokens_per_s_vs_lru"), ".2f"),
+                      _fmt(r.get("lru_hit_rate"), ".3f"), _fmt(r.get("tiermem_hit_rate"), ".3f"),
+                      _fmt(r.get("sim_belady"), ".3f"), _fmt(r.get("gap_closed"), ".2f"),
+                      _fmt(efficiency.get(r["workload"]), ".2f"), _fmt(overlap.get((*where, "lru")), ".2f"),
+                      _fmt(overlap.get((*where, "tiermem")), ".2f"))
+    Console().print(table)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(records: list[dict[str, Any]]) -> None:
+    table = Table(title="tiermem bench moe")
+    for column in ("workload", "batch", "fraction", "mode", "tokens/s", "hit rate", "stall s", "GB moved", "overlap"):
+        table.add_column(column)
+    for r in (r for r in records if r["kind"] == "run"):
+        table.add_row(r["workload"], str(r["batch"]), f"{r['fraction']:.2f}", r["mode"], f"{r['tokens_per_s']:.1f}",
+                      f"{r['hit_rate']:.3f}", f"{r['stall_s']:.3f}", f"{r['bytes_moved'] / 1e9:.2f}",
+                      f"{r.get('overlap_ratio', float('nan')):.2f}")
+    Console().print(table)

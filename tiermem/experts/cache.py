@@ -1,0 +1,139 @@
+"""``ExpertCache``: a fixed pool of expert slots in HBM and the bookkeeping of what sits in them.
+
+Memory is one tensor ``[num_slots, block_bytes]`` on ``device`` (a CUDA device; on a CPU-only host a
+CPU tensor stands in for HBM so that the whole path runs in tests). Slots are grouped per MoE layer
+or shared by all layers (``SlotLayout``), handed out by the residency ``SlotPool`` and recorded in the
+residency ``Directory``; the eviction order comes from a registered single-method policy.
+
+This class moves no bytes and decides nothing on its own: the prefetcher plans (pure planners),
+then calls ``begin_load`` / ``finish_load`` / ``evict`` here, in that order, as copies are issued and
+land. Invariants: an entry exists for every resident or in-flight key and only for them; only
+resident, unpinned keys are ever offered to the policy; slot rows never move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tiermem.errors import ConfigError
+from tiermem.experts.layout import ExpertLayout
+from tiermem.residency.directory import Directory, DirectorySnapshot
+from tiermem.residency.policies import CacheEntry, PolicySignals, eviction_order, make_policy
+from tiermem.residency.slots import SlotLayout, SlotPool
+from tiermem.types import ObjectKey
+
+
+class ExpertCache:
+    """HBM slots for the experts of ``layers``: ``slots_per_group`` slots per layer, or shared."""
+
+    def __init__(
+        self, *, layout: ExpertLayout, layers: Sequence[int], slots_per_group: int, slot_layout: SlotLayout,
+        device: torch.device, policy: str, signals: PolicySignals,
+    ) -> None:
+        self.layout = layout
+        self.layers = tuple(layers)
+        self.slot_layout = slot_layout
+        self.device = torch.device(device)
+        num_groups = len(self.layers) if slot_layout is SlotLayout.PER_LAYER else 1
+        self.pool = SlotPool(slot_bytes=layout.block_bytes, slots_per_group=slots_per_group, num_groups=num_groups)
+        self.directory = Directory(self.pool.num_slots)
+        self.policy_name = policy
+        self.policy = make_policy(policy, signals)
+        self.memory = torch.empty((self.pool.num_slots, layout.block_bytes), dtype=torch.uint8, device=self.device)
+        self._group = {layer: (i if slot_layout is SlotLayout.PER_LAYER else 0) for i, layer in enumerate(self.layers)}
+        self.entries: dict[ObjectKey, CacheEntry] = {}
+        self._resident: list[set[ObjectKey]] = [set() for _ in range(num_groups)]
+        self._in_flight: list[set[ObjectKey]] = [set() for _ in range(num_groups)]
+
+    @property
+    def num_groups(self) -> int:
+        return self.pool.num_groups
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.pool.capacity_bytes
+
+    def group_of(self, key: ObjectKey) -> int:
+        try:
+            return self._group[key.layer]
+        except KeyError:
+            raise ConfigError(f"expert cache: layer {key.layer} of {key} is not cached; layers: {list(self.layers)}") from None
+
+    def contains(self, key: ObjectKey) -> bool:
+        """Resident or in flight."""
+        return key in self.entries
+
+    def is_resident(self, key: ObjectKey) -> bool:
+        return key in self._resident[self.group_of(key)]
+
+    def resident(self, group: int) -> frozenset[ObjectKey]:
+        return frozenset(self._resident[group])
+
+    def in_flight(self, group: int) -> frozenset[ObjectKey]:
+        return frozenset(self._in_flight[group])
+
+    def free_slots(self, group: int) -> int:
+        return self.pool.free_count(group)
+
+    def snapshot(self) -> DirectorySnapshot:
+        return self.directory.snapshot()
+
+    def order(self, group: int) -> list[ObjectKey]:
+        """The group's resident keys, first to evict first (pinned ones included; planners skip them)."""
+        return eviction_order((self.entries[k] for k in self._resident[group]), self.policy)
+
+    def slot_of(self, key: ObjectKey) -> int:
+        """The slot of ``key`` (resident or in flight)."""
+        return self.entries[key].slot
+
+    def block(self, key: ObjectKey) -> torch.Tensor:
+        """The slot row holding ``key`` (resident or in flight)."""
+        return self.memory[self.entries[key].slot]
+
+    def weights(self, key: ObjectKey) -> dict[str, torch.Tensor]:
+        """Views of ``key``'s weights in its slot."""
+        return self.layout.views(self.block(key))
+
+    def begin_load(self, key: ObjectKey, tick: int) -> torch.Tensor:
+        """Take a free slot of ``key``'s group for a copy about to be issued; returns the slot row."""
+        group = self.group_of(key)
+        slot = self.pool.acquire(group)
+        try:
+            self.directory.begin_load(key, slot)
+        except BaseException:
+            self.pool.release(slot)
+            raise
+        self.entries[key] = CacheEntry(key=key, slot=slot, loaded_tick=tick, last_use_tick=tick)
+        self._in_flight[group].add(key)
+        return self.memory[slot]
+
+    def finish_load(self, key: ObjectKey) -> None:
+        """The copy of ``key`` has landed: it becomes resident (and evictable once unpinned)."""
+        group = self.group_of(key)
+        self.directory.finish_load(key)
+        self._in_flight[group].remove(key)
+        self._resident[group].add(key)
+
+    def abort_load(self, key: ObjectKey) -> None:
+        """A copy failed: forget ``key`` and free its slot."""
+        self.pool.release(self.directory.abort_load(key))
+        self._in_flight[self.group_of(key)].discard(key)
+        del self.entries[key]
+
+    def evict(self, key: ObjectKey) -> None:
+        """Forget the resident, unpinned ``key``; its slot becomes free."""
+        self.pool.release(self.directory.evict(key))
+        self._resident[self.group_of(key)].remove(key)
+        del self.entries[key]
+
+    def pin(self, key: ObjectKey) -> None:
+        self.directory.pin(key)
+
+    def unpin(self, key: ObjectKey) -> None:
+        self.directory.unpin(key)
+
+    def touch(self, key: ObjectKey, tick: int) -> None:
+        """Record a use of ``key`` at ``tick`` (for recency-based policies)."""
+        self.entries[key].touch(tick)

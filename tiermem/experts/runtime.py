@@ -1,0 +1,162 @@
+"""``ExpertRuntime``: runs one MoE layer's experts out of an ``ExpertStore`` through an HBM ``ExpertCache``.
+
+Per layer: group tokens by expert -> record the routing (tracker, activation counts) -> demand the
+hit experts (misses are fetched now, in one submit per wave, waves if the slot group is too small) ->
+compute each expert on its slot as soon as its own copy has landed -> sum in the reference order
+(``tiermem.experts.compute``) -> predict and prefetch the next layers (host work that overlaps the
+GPU's copies and compute). Output is bit-identical to the all-resident
+module. Inference only: slot weights are not parameters and carry no gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tiermem.config import format_bytes, option, require
+from tiermem.errors import CapacityError, ConfigError
+from tiermem.experts.cache import ExpertCache
+from tiermem.experts.compute import combine, expert_output, route
+from tiermem.experts.routes import RouteTracker
+from tiermem.experts.store import ExpertStore
+from tiermem.predict.base import Predictor
+from tiermem.prefetch.prefetcher import PrefetchConfig, Prefetcher
+from tiermem.residency.policies import EVICTION_POLICIES, PolicySignals
+from tiermem.residency.signals import ActivationCounts, PredictionScores
+from tiermem.residency.slots import SlotLayout, SlotPool, slots_for_fraction
+
+log = logging.getLogger("tiermem.experts")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How much HBM the experts get, how it is shared, and how it is managed."""
+
+    hbm_budget_bytes: int | None = option(None, help="HBM bytes for expert slots (or give resident_fraction).",
+                                          unit="bytes")
+    resident_fraction: float | None = option(None, help="Fraction of each layer's experts that fit in HBM.")
+    slot_layout: SlotLayout = option(SlotLayout.PER_LAYER, help="per_layer slot groups, or one shared group.")
+    policy: str | None = option(None, help="Eviction: lru, lfu or predicted; default predicted with a predictor, "
+                                           "else lru.")
+    prefetch: PrefetchConfig = option(PrefetchConfig(), help="Prefetch distance and per-layer budget.")
+    lfu_half_life_steps: float | None = option(None, help="Half-life of LFU counts in decode steps; None: never.")
+
+    def __post_init__(self) -> None:
+        require((self.hbm_budget_bytes is None) != (self.resident_fraction is None), self,
+                "give exactly one of hbm_budget_bytes and resident_fraction")
+        require(self.policy is None or (self.policy in EVICTION_POLICIES and self.policy != "belady"), self,
+                f"policy must be lru, lfu or predicted (belady needs the future: simulation only), got {self.policy!r}")
+
+
+class ExpertRuntime:
+    """The store, the cache, the prefetcher and the routing tracker of one offloaded model."""
+
+    def __init__(
+        self, store: ExpertStore, config: OffloadConfig, *, device: torch.device, top_k: int,
+        predictor: Predictor | None = None,
+    ) -> None:
+        if store.layout.quantized:
+            raise ConfigError(
+                f"expert runtime: the store packs quantization scales ({store.layout.describe()}); computing on "
+                "quantized experts needs a dequantizing kernel, which OffloadedMoE does not have; dequantize first"
+            )
+        num_layers = len(store.layers)
+        if config.prefetch.distance >= num_layers:
+            raise ConfigError(
+                f"expert runtime: prefetch distance {config.prefetch.distance} must be below the {num_layers} MoE "
+                "layers (a prefetch may not target a layer's use after the next)"
+            )
+        policy = config.policy or ("predicted" if predictor is not None else "lru")
+        if policy == "predicted" and (predictor is None or config.prefetch.distance == 0):
+            raise ConfigError("expert runtime: policy 'predicted' ranks by predictions; give a predictor and a "
+                              "prefetch distance > 0, or choose 'lru'/'lfu'")
+        self.store = store
+        self.config = config
+        self.top_k = top_k
+        self.counts = ActivationCounts(config.lfu_half_life_steps * num_layers if config.lfu_half_life_steps else None)
+        predictions = PredictionScores()
+        self.cache = ExpertCache(
+            layout=store.layout, layers=store.layers, slots_per_group=_slots_per_group(store, config, top_k),
+            slot_layout=config.slot_layout, device=device, policy=policy,
+            signals=PolicySignals(counts=self.counts, predictions=predictions),
+        )
+        self.prefetcher = Prefetcher(self.cache, store, store.manager, config=config.prefetch, predictor=predictor,
+                                     predictions=predictions)
+        self.tracker = RouteTracker(num_layers=num_layers, num_experts=store.num_experts, top_k=top_k)
+        self._closed = False
+        log.info("expert runtime: %d slot(s) per group x %d group(s) (%s of HBM), policy %s, prefetch %s",
+                 self.cache.pool.slots_per_group, self.cache.num_groups, format_bytes(self.cache.capacity_bytes),
+                 policy, config.prefetch)
+
+    def run_layer(
+        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The routed experts' summed output for ``hidden [T, H]`` at real layer ``layer``."""
+        if self._closed:
+            raise ConfigError("expert runtime: closed (tiermem.offload handle.close() was called); the offloaded "
+                              "experts are gone, so the model cannot run anymore")
+        index = top_k_index.to("cpu")  # the one synchronisation per layer: which experts were hit
+        routing = route(index, self.store.num_experts, hidden.device)
+        context, tick = self.tracker.record(self.store.position(layer), index.numpy())
+        keys = {expert: self.store.key(layer, expert) for expert in routing.experts}
+        for expert, key in keys.items():
+            self.counts.record(key, tick, float(routing.uses(expert)))
+        by_key = {key: expert for expert, key in keys.items()}
+        outputs: dict[int, torch.Tensor] = {}
+        for wave in self.prefetcher.demand(list(keys.values()), tick):
+            for key in wave:
+                weights = self.store.layout.views(self.prefetcher.ready(key))
+                expert = by_key[key]
+                outputs[expert] = expert_output(hidden, routing, expert, weights, top_k_weights, act_fn, hidden.dtype)
+        combined = combine(hidden, routing, outputs)
+        # prediction and prefetch run on the host while the GPU copies this layer's misses and computes
+        self.prefetcher.prefetch(context, tick)
+        return combined
+
+    def stats(self) -> dict[str, Any]:
+        """Hit rate, prefetch precision/recall, bytes moved per tier, stall time, and the cache's shape."""
+        counters = self.prefetcher.collect_stats().as_dict()
+        return {
+            **counters,
+            "policy": self.cache.policy_name,
+            "slots_per_group": self.cache.pool.slots_per_group,
+            "slot_groups": self.cache.num_groups,
+            "hbm_bytes": self.cache.capacity_bytes,
+            "expert_bytes": self.store.layout.block_bytes,
+            "store_bytes_by_tier": {t: self.store.placement.experts_on(t) * self.store.layout.block_bytes
+                                    for t in self.store.placement.tiers},
+        }
+
+    def close(self) -> None:
+        """Wait for copies in flight and release the HBM slots (idempotent); the store is closed by its owner."""
+        if self._closed:
+            return
+        self._closed = True
+        self.prefetcher.drain()
+        self.cache.memory = torch.empty(0, dtype=torch.uint8, device=self.cache.device)
+
+
+def _slots_per_group(store: ExpertStore, config: OffloadConfig, top_k: int) -> int:
+    """Slots per group from the byte budget or the fraction; raises CapacityError below one step's working set."""
+    num_layers, block = len(store.layers), store.layout.block_bytes
+    per_layer = config.slot_layout is SlotLayout.PER_LAYER
+    if config.hbm_budget_bytes is not None:
+        pool = SlotPool.for_budget(config.hbm_budget_bytes, block, layout=config.slot_layout, num_layers=num_layers,
+                                   working_set_per_layer=top_k)
+        return pool.slots_per_group
+    slots = slots_for_fraction(config.resident_fraction, store.num_experts if per_layer else
+                               store.num_experts * num_layers)
+    if slots < top_k:
+        groups = num_layers if per_layer else 1
+        needed = top_k * groups * block
+        raise CapacityError(
+            f"expert runtime: resident_fraction {config.resident_fraction} gives {slots} slot(s) per group, but one "
+            f"token needs its top-{top_k} experts at once: {needed} bytes ({format_bytes(needed)}) of HBM at least; "
+            f"raise resident_fraction to >= {top_k / (store.num_experts * (1 if per_layer else num_layers)):.4f}"
+        )
+    return slots

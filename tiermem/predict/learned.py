@@ -1,0 +1,235 @@
+"""Learned route predictor in the spirit of ExpertFlow: a small MLP over the routing seen so far.
+
+Inputs per token: the sum of embeddings of the (layer, expert) pairs this step already routed (layers
+up to the anchor), the same for the previous step's routing, an embedding of the anchor layer, an
+optional hashed token-id embedding and (``history``) an embedding of the sequence's expert shares so
+far. Output: one logit per expert for each of the next ``max_distance``
+layers, from a head per anchor layer, plus (``wide``) linear paths from the anchor layer's experts and
+from the target layer's experts one token earlier (co-occurrence tables learned discriminatively),
+and a per-expert gain on the sequence's share of each target-layer expert.
+Trained with BCE (multi-label) by ``tiermem.predict.train``.
+
+Invariants:
+- The features come from a ``RouteContext`` only, so training (on contexts replayed by
+  ``contexts.anchor_batches``) and serving see exactly the same inputs.
+- A saved model is ``torch.save`` of plain data (tensors, numbers, strings): the state dict, the frozen
+  config as a dict and the shape it was trained for; ``load`` reads it with
+  ``weights_only=True`` and rebuilds the config with ``from_dict`` (unknown keys raise).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tiermem.config import from_dict, option, require, to_dict
+from tiermem.errors import TraceError
+from tiermem.predict.base import RouteContext
+from tiermem.predict.common import check_context, multi_hot
+
+_HASH = 2654435761  # Knuth's multiplicative hash, spreads token ids over the buckets
+FORMAT = "tiermem.learned-route-predictor/1"
+
+
+@dataclass(frozen=True)
+class LearnedConfig:
+    """Architecture and training settings of the learned predictor."""
+
+    max_distance: int = option(4, help="layers ahead predicted per call (prefetch distance)")
+    expert_dim: int = option(64, help="embedding size of a routed (layer, expert) pair; a step sums its pairs")
+    anchor_dim: int = option(8, help="embedding size of the anchor layer")
+    token_buckets: int = option(4096, help="hash buckets for token ids; 0 = ignore token ids")
+    token_dim: int = option(16, help="embedding size of a token-id bucket")
+    hidden_dim: int = option(128, help="width of the MLP")
+    dropout: float = option(0.3, help="dropout after each hidden layer during training")
+    wide: bool = option(True, help="add linear paths from the anchor layer's experts and from the target layer "
+                                   "one token earlier to each target (learned co-occurrence tables)")
+    history: bool = option(True, help="also use the sequence's expert shares so far (context.activation)")
+    max_steps: int = option(4000, help="upper bound on optimiser steps of the search for the step count")
+    batch_size: int = option(256, help="contexts per optimiser step")
+    learning_rate: float = option(2e-3, help="AdamW learning rate")
+    weight_decay: float = option(1e-4, help="AdamW weight decay")
+    validation_fraction: float = option(
+        0.2, help="share of each training sequence's last tokens held back to choose the step count; "
+                  "0 = train max_steps steps on everything")
+    eval_every: int = option(50, help="optimiser steps between validation checks")
+    patience: int = option(5, help="validation checks without improvement that end the search")
+    seed: int = option(0, help="seed of initialisation and shuffling")
+
+    def __post_init__(self) -> None:
+        for name in ("max_distance", "expert_dim", "anchor_dim", "hidden_dim", "max_steps", "batch_size",
+                     "eval_every", "patience"):
+            require(getattr(self, name) >= 1, self, f"{name} must be >= 1")
+        require(self.token_buckets >= 0 and self.token_dim >= 1, self, "need token_buckets >= 0, token_dim >= 1")
+        require(0.0 <= self.dropout < 1.0, self, "dropout must be in [0, 1)")
+        require(self.learning_rate > 0 and self.weight_decay >= 0, self, "need learning_rate > 0, weight_decay >= 0")
+        require(0.0 <= self.validation_fraction < 1.0, self, "validation_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True, eq=False)
+class Inputs:
+    """The network inputs of a batch of contexts at one anchor layer."""
+
+    anchor: int  # routed layer + 1: the head index
+    current: torch.Tensor  # [B, L, E] multi-hot of this step's routing so far
+    previous: torch.Tensor  # [B, L, E] multi-hot of the previous step's routing
+    token: torch.Tensor  # [B] token-id bucket, 0 = unknown
+    history: torch.Tensor  # [B, L, E] share of each expert in the sequence's earlier tokens, per layer
+
+    def subset(self, keep: torch.Tensor | slice) -> Inputs:
+        return Inputs(self.anchor, self.current[keep], self.previous[keep], self.token[keep], self.history[keep])
+
+    def to(self, device: torch.device) -> Inputs:
+        return Inputs(self.anchor, self.current.to(device), self.previous.to(device), self.token.to(device),
+                      self.history.to(device))
+
+
+class RouteNet(nn.Module):
+    """The network: bags of routed (layer, expert) embeddings -> MLP -> the anchor's head (+ wide paths).
+
+    One forward pass serves one anchor layer (a ``RouteContext`` has one), so only that head is
+    computed: logits ``[B, D, E]``.
+    """
+
+    def __init__(self, config: LearnedConfig, num_layers: int, num_experts: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_layers, self.num_experts = num_layers, num_experts
+        depth = config.max_distance
+        self.current = nn.Linear(num_layers * num_experts, config.expert_dim, bias=False)
+        self.previous = nn.Linear(num_layers * num_experts, config.expert_dim, bias=False)
+        self.history = nn.Linear(num_layers * num_experts, config.expert_dim, bias=False) if config.history else None
+        self.anchor = nn.Embedding(num_layers + 1, config.anchor_dim)
+        self.token = nn.Embedding(config.token_buckets + 1, config.token_dim) if config.token_buckets else None
+        width = ((3 if config.history else 2) * config.expert_dim + config.anchor_dim
+                 + (config.token_dim if self.token else 0))
+        self.trunk = nn.Sequential(
+            nn.Linear(width, config.hidden_dim), nn.GELU(), nn.Dropout(config.dropout),
+            nn.Linear(config.hidden_dim, config.hidden_dim), nn.GELU(), nn.Dropout(config.dropout),
+        )
+        heads = range(num_layers + 1)  # one per anchor layer -1 .. L-1, separate so a step only updates its own
+        self.head_weight = nn.ParameterList(
+            nn.Parameter(torch.randn(depth * num_experts, config.hidden_dim) / config.hidden_dim ** 0.5) for _ in heads)
+        self.head_bias = nn.ParameterList(nn.Parameter(torch.zeros(depth * num_experts)) for _ in heads)
+        wide = (depth, num_experts, num_experts)  # [distance, target, source]
+        self.wide_anchor = nn.ParameterList(nn.Parameter(torch.zeros(wide)) for _ in heads) if config.wide else None
+        self.wide_step = nn.ParameterList(nn.Parameter(torch.zeros(wide)) for _ in heads) if config.wide else None
+        self.history_gain = (nn.ParameterList(nn.Parameter(torch.zeros(depth, num_experts)) for _ in heads)
+                             if config.history else None)
+        self._targets = [[(head - 1 + d) % num_layers for d in range(1, depth + 1)] for head in heads]
+        self._step_sources = [[_step_source(head - 1, d, num_layers) for d in range(1, depth + 1)]
+                              for head in range(num_layers + 1)]
+
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        current, previous, anchor = inputs.current, inputs.previous, inputs.anchor
+        batch = current.shape[0]
+        parts = [
+            self.current(current.reshape(batch, -1)),
+            self.previous(previous.reshape(batch, -1)),
+            self.anchor.weight[anchor].expand(batch, -1),
+        ]
+        if self.token is not None:
+            parts.append(self.token(inputs.token))
+        if self.history is not None:
+            parts.append(self.history(inputs.history.reshape(batch, -1)))
+        hidden = self.trunk(torch.cat(parts, dim=1))
+        logits = torch.nn.functional.linear(hidden, self.head_weight[anchor], self.head_bias[anchor])
+        logits = logits.view(batch, self.config.max_distance, self.num_experts)
+        if self.wide_anchor is not None:
+            if anchor > 0:
+                logits = logits + torch.einsum("be,dfe->bdf", current[:, anchor - 1], self.wide_anchor[anchor])
+            none = current.new_zeros(batch, self.num_experts)
+            sources = torch.stack([(previous if kind == "previous" else current)[:, layer] if kind else none
+                                   for kind, layer in self._step_sources[anchor]], dim=1)
+            logits = logits + torch.einsum("bde,dfe->bdf", sources, self.wide_step[anchor])
+        if self.history_gain is not None:
+            logits = logits + self.history_gain[anchor] * inputs.history[:, self._targets[anchor]]
+        return logits
+
+
+def _step_source(anchor: int, distance: int, num_layers: int) -> tuple[str, int]:
+    """Where the target's layer was routed one token earlier: ``("previous" | "current" | "", layer)``."""
+    steps, layer = divmod(anchor + distance, num_layers)
+    if steps == 0:
+        return "previous", layer
+    if steps == 1 and layer <= anchor:
+        return "current", layer
+    return "", layer
+
+
+def features(context: RouteContext, config: LearnedConfig) -> Inputs:
+    """The network inputs of a context."""
+    batch, experts = context.batch_size, context.num_experts
+    current = torch.from_numpy(multi_hot(context.current, experts))
+    if context.previous is None:
+        previous = torch.zeros_like(current)
+    else:
+        previous = torch.from_numpy(multi_hot(context.previous, experts))
+    if context.token_ids is None or config.token_buckets == 0:
+        token = torch.zeros(batch, dtype=torch.long)
+    else:
+        hashed = (context.token_ids.astype(np.uint64) * np.uint64(_HASH)) % np.uint64(config.token_buckets)
+        token = torch.from_numpy(hashed.astype(np.int64)) + 1
+    if context.activation is None or not config.history:
+        history = torch.zeros_like(current)
+    else:
+        counts = context.activation
+        total = counts.sum(axis=2, keepdims=True)
+        history = torch.from_numpy(np.divide(counts, total, out=np.zeros_like(counts), where=total > 0))
+    return Inputs(context.layer + 1, current, previous, token, history)
+
+
+class LearnedPredictor:
+    """Serves a trained ``RouteNet``: sigmoid probabilities for the next ``distance`` layers."""
+
+    def __init__(self, net: RouteNet, *, layer_ids: tuple[int, ...], model: str = "",
+                 train_sequences: tuple[int, ...] = (), device: str | torch.device = "cpu") -> None:
+        self.net = net.to(device).eval()
+        self.config = net.config
+        self.layer_ids = layer_ids
+        self.model = model
+        self.train_sequences = train_sequences
+        self.device = torch.device(device)
+
+    def predict(self, context: RouteContext, distance: int) -> np.ndarray:
+        check_context(context, distance, num_layers=self.net.num_layers, num_experts=self.net.num_experts,
+                      who="learned")
+        if distance > self.config.max_distance:
+            raise TraceError(
+                f"predict: the learned model predicts up to {self.config.max_distance} layers ahead, asked "
+                f"for {distance}; train with --max-distance {distance}"
+            )
+        inputs = features(context, self.config)
+        if self.device.type != "cpu":
+            inputs = inputs.to(self.device)
+        with torch.inference_mode():
+            probabilities = torch.sigmoid(self.net(inputs)[:, :distance])
+        return probabilities.permute(1, 0, 2).float().cpu().numpy()
+
+    def save(self, path: str | Path) -> None:
+        torch.save({
+            "format": FORMAT, "config": to_dict(self.config), "state_dict": self.net.state_dict(),
+            "num_layers": self.net.num_layers, "num_experts": self.net.num_experts,
+            "layer_ids": list(self.layer_ids), "model": self.model, "train_sequences": list(self.train_sequences),
+        }, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> LearnedPredictor:
+        try:
+            saved: dict[str, Any] = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise TraceError(f"learned: model file {str(path)!r} does not exist") from None
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # foreign or corrupt
+            raise TraceError(f"learned: {str(path)!r} is not a saved route predictor: {exc}") from None
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise TraceError(f"learned: {str(path)!r} is not a {FORMAT} file (train one with `tiermem predictor train`)")
+        net = RouteNet(from_dict(LearnedConfig, saved["config"]), saved["num_layers"], saved["num_experts"])
+        net.load_state_dict(saved["state_dict"])
+        return cls(net, layer_ids=tuple(saved["layer_ids"]), model=saved["model"],
+                   train_sequences=tuple(saved["train_sequences"]), device=device)

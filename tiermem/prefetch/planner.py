@@ -1,0 +1,135 @@
+"""Prefetch and demand planning: pure functions from a residency snapshot to a frozen plan.
+
+A planner reads state and returns a plan; it never touches the directory, the pool or a tier. The
+caller applies the plan in order (evictions, then loads) and records each step in the directory.
+Both planners work on one slot group (one layer of a per-layer pool, or a whole shared pool): call
+them once per group, passing that group's keys.
+
+Invariants of every plan (tested):
+- it never evicts a pinned object, an in-flight object or an object the current step needs;
+- it never loads an object that is resident or already in flight (no duplicate copies);
+- loads never exceed the free slots plus the planned evictions;
+- a prefetch plan never exceeds its byte budget and never displaces an object whose predicted score
+  is at least that of the object it would load (no churn between equally likely experts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+
+from tiermem.errors import CapacityError, ConfigError
+from tiermem.types import ObjectKey
+
+
+@dataclass(frozen=True)
+class PrefetchBudget:
+    """How much one prefetch plan may move."""
+
+    max_bytes: int  # bytes the plan may load
+    object_bytes: int  # size of one object (every slot has this size)
+    min_score: float = 0.0  # only objects scored strictly above this are worth loading
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0 or self.object_bytes <= 0:
+            raise ConfigError(
+                f"prefetch budget: max_bytes must be >= 0 and object_bytes > 0, got {self.max_bytes} and "
+                f"{self.object_bytes}"
+            )
+
+    @property
+    def max_objects(self) -> int:
+        return self.max_bytes // self.object_bytes
+
+
+@dataclass(frozen=True)
+class PrefetchPlan:
+    """Objects to copy in, most valuable first, and the objects to evict to make room."""
+
+    loads: tuple[ObjectKey, ...]
+    evictions: tuple[ObjectKey, ...]
+    load_bytes: int
+    skipped_in_flight: int  # wanted objects left alone because their copy is already in flight
+
+
+@dataclass(frozen=True)
+class DemandPlan:
+    """Objects the current step needs that must be fetched now, and the evictions that make room."""
+
+    loads: tuple[ObjectKey, ...]
+    evictions: tuple[ObjectKey, ...]
+
+
+def plan_prefetch(
+    scores: Mapping[ObjectKey, float],
+    resident: Sequence[ObjectKey],
+    in_flight: AbstractSet[ObjectKey],
+    pinned: AbstractSet[ObjectKey],
+    free_slots: int,
+    budget: PrefetchBudget,
+    needed_now: AbstractSet[ObjectKey] = frozenset(),
+) -> PrefetchPlan:
+    """Choose which predicted objects to load and which resident ones to evict for them.
+
+    ``scores`` are predictions for the group's objects (higher = sooner needed); ``resident`` lists
+    the group's resident objects in eviction order (lowest priority first, see
+    ``tiermem.residency.eviction_order``). A resident object without a score counts as not predicted.
+    Candidates are taken by descending score (ties by key); each one takes a free slot or evicts the
+    first evictable object whose score is lower than its own, until the budget or the room runs out.
+    """
+    if free_slots < 0:
+        raise ConfigError(f"prefetch planner: free_slots must be >= 0, got {free_slots}")
+    resident_set = set(resident)
+    candidates = sorted(
+        (key for key, score in scores.items() if score > budget.min_score and key not in resident_set),
+        key=lambda key: (-scores[key], key),
+    )
+    skipped = sum(1 for key in candidates if key in in_flight)
+    candidates = [key for key in candidates if key not in in_flight]
+    protected = set(pinned) | set(in_flight) | set(needed_now)
+    victims = [key for key in resident if key not in protected]
+
+    loads: list[ObjectKey] = []
+    evictions: list[ObjectKey] = []
+    free, next_victim = free_slots, 0
+    for key in candidates[: budget.max_objects]:
+        if free > 0:
+            free -= 1
+        else:
+            floor = scores[key]
+            while next_victim < len(victims) and scores.get(victims[next_victim], float("-inf")) >= floor:
+                next_victim += 1  # scored at least as high: later candidates score lower, so skip for good
+            if next_victim == len(victims):
+                break
+            evictions.append(victims[next_victim])
+            next_victim += 1
+        loads.append(key)
+    return PrefetchPlan(tuple(loads), tuple(evictions), len(loads) * budget.object_bytes, skipped)
+
+
+def plan_demand(
+    needed: Iterable[ObjectKey],
+    resident: Sequence[ObjectKey],
+    in_flight: AbstractSet[ObjectKey],
+    pinned: AbstractSet[ObjectKey],
+    free_slots: int,
+) -> DemandPlan:
+    """Fetch every needed object that is neither resident nor in flight, evicting in ``resident`` order.
+
+    Raises ``CapacityError`` when the missing objects do not fit in the free slots plus the
+    evictable ones; the caller then splits the step into waves or needs a larger pool.
+    """
+    needed_set = set(needed)
+    resident_set = set(resident)
+    loads = sorted(key for key in needed_set if key not in resident_set and key not in in_flight)
+    protected = set(pinned) | set(in_flight) | needed_set
+    victims = [key for key in resident if key not in protected]
+    shortfall = len(loads) - max(free_slots, 0)
+    if shortfall > len(victims):
+        raise CapacityError(
+            f"demand planner: the step needs {len(loads)} object(s) that are not resident, but only "
+            f"{free_slots} slot(s) are free and {len(victims)} can be evicted ({len(protected & resident_set)} "
+            f"resident ones are pinned or needed); enlarge the slot group or split the step"
+        )
+    return DemandPlan(tuple(loads), tuple(victims[: max(shortfall, 0)]))

@@ -1,0 +1,380 @@
+"""The prefetcher: turns predictions into copies ahead of use, and serves each layer's demand.
+
+It drives three parts it does not own: a slot cache (``SlotCache``: HBM slots + residency directory +
+eviction order), the objects' host homes (``Homes``) and a ``TierManager`` whose transfer engine
+issues the copies on its own streams. Decisions come from the pure planners (``plan_prefetch``,
+``plan_demand``); this class only applies plans, tracks copies and counts.
+
+Design note. One object (an expert) moves through these states::
+
+    | state    | directory            | how it gets there                          | may be evicted |
+    |----------|----------------------|--------------------------------------------|----------------|
+    | absent   | not recorded         | start; ``evict``; ``abort_load``           | -              |
+    | loading  | in flight (pinned)   | ``_issue``: slot taken, copy submitted     | no             |
+    | resident | resident             | ``_reap`` sees the copy's handle done      | yes            |
+    | pinned   | resident/in flight,  | ``demand`` pins what the running layer     | no             |
+    |          | pin count > 0        | needs; the wave's end unpins               |                |
+    | evicted  | not recorded         | a plan evicts it to free its slot          | -              |
+
+- The copies of one plan (a layer's misses, or one prefetch) are one submit; each object keeps its
+  own completion (``handle.part(i)``, one CUDA event after its copy), kept in ``_loads`` until it is
+  seen done; a key in ``_loads`` is never copied again (no duplicate in-flight copies: planners
+  skip in-flight keys, and ``SlotCache.begin_load`` raises on a second load).
+- The compute stream waits only on the objects it is about to use (``ready``: ``wait_on`` the one
+  handle), never on the whole copy stream. Copies are submitted from a side stream of the
+  prefetcher (the engine makes its copy streams wait on the submitting stream), so a copy waits for
+  exactly what it must: when a wave ends, an event recorded on the compute stream marks the last use
+  of its objects; evicting one hands that event to its slot, and the next copy into the slot waits
+  on it (no write while a kernel still reads the slot, and no wait on unrelated compute).
+- Demand goes first: the prefetch copies of a layer wait for that layer's demand copies, so they
+  share the link only with compute and with the next layer's CPU work, not with this layer's misses;
+  they run on the engine's background streams, so the next layer's demand never queues behind them.
+- Prefetch is transfer-aware: one layer may prefetch only the bytes the link can move in the idle
+  time a layer leaves it (``LinkWindow``: measured layer interval minus its demand copy time, times
+  ``link_fill``), and only objects whose expected uses exceed ``min_score``. A prefetch that does not
+  fit is not issued: its bytes would delay a demand on a link that is already the bottleneck.
+- A demanded object that is absent is a miss: it is fetched now (a "synchronous" fetch: the compute
+  stream waits for it) and counted. A demanded object in flight is a hit that may stall; the time
+  the compute stream waited is measured with timing events around the wait (GPU) or the wall clock
+  (CPU stand-in) and summed as ``stall_s``.
+- When one layer needs more objects than its slot group holds, the demand runs in waves: a wave is
+  pinned, used, unpinned, and the next wave may evict it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from tiermem.config import option, require
+from tiermem.errors import ConfigError
+from tiermem.manager import TierManager
+from tiermem.predict.base import Predictor, RouteContext
+from tiermem.prefetch.planner import PrefetchBudget, plan_demand, plan_prefetch
+from tiermem.prefetch.stats import PrefetchStats
+from tiermem.prefetch.window import LinkWindow
+from tiermem.residency.directory import DirectorySnapshot
+from tiermem.residency.signals import PredictionScores
+from tiermem.transfer import Copy, TransferHandle, make_plan
+from tiermem.types import ObjectKey
+
+log = logging.getLogger("tiermem.prefetch")
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """How far ahead and how much the prefetcher loads after each routed layer."""
+
+    distance: int = option(1, help="MoE layers ahead to prefetch after each routed layer; 0 disables prefetch.")
+    objects_per_layer: int = option(4, help="Most objects one prefetch may load into one target layer.")
+    min_score: float = option(0.0, help="Load only objects whose summed predicted score (expected uses in the "
+                                        "batch) is above this.")
+    link_fill: float | None = option(0.8, help="Share of a layer's measured idle link time prefetch may fill; "
+                                               "None: no link cap (objects_per_layer alone).")
+    link_gbps: float | None = option(None, help="Host-to-HBM bandwidth for the link cap; None: the source tier's "
+                                                "link profile.", unit="GB/s")
+
+    def __post_init__(self) -> None:
+        require(self.distance >= 0, self, f"distance must be >= 0, got {self.distance}")
+        require(self.objects_per_layer >= 0, self, f"objects_per_layer must be >= 0, got {self.objects_per_layer}")
+        require(self.link_fill is None or 0.0 < self.link_fill <= 1.0, self,
+                f"link_fill must be in (0, 1] or None, got {self.link_fill}")
+        require(self.link_gbps is None or self.link_gbps > 0, self, f"link_gbps must be > 0, got {self.link_gbps}")
+
+
+class SlotCache(Protocol):
+    """What the prefetcher needs from a slot cache (``tiermem.experts.cache.ExpertCache`` is one)."""
+
+    device: torch.device
+
+    def group_of(self, key: ObjectKey) -> int: ...
+    def contains(self, key: ObjectKey) -> bool: ...
+    def order(self, group: int) -> list[ObjectKey]: ...
+    def in_flight(self, group: int) -> frozenset[ObjectKey]: ...
+    def free_slots(self, group: int) -> int: ...
+    def snapshot(self) -> DirectorySnapshot: ...
+    def slot_of(self, key: ObjectKey) -> int: ...
+    def block(self, key: ObjectKey) -> torch.Tensor: ...
+    def begin_load(self, key: ObjectKey, tick: int) -> torch.Tensor: ...
+    def finish_load(self, key: ObjectKey) -> None: ...
+    def abort_load(self, key: ObjectKey) -> None: ...
+    def evict(self, key: ObjectKey) -> None: ...
+    def pin(self, key: ObjectKey) -> None: ...
+    def unpin(self, key: ObjectKey) -> None: ...
+    def touch(self, key: ObjectKey, tick: int) -> None: ...
+
+
+class Homes(Protocol):
+    """Host homes of the objects (``tiermem.experts.store.ExpertStore`` is one)."""
+
+    layers: tuple[int, ...]
+
+    def home(self, key: ObjectKey) -> torch.Tensor: ...
+    def tier_of(self, key: ObjectKey) -> str: ...
+    def key_at(self, position: int, index: int) -> ObjectKey: ...
+
+
+class Prefetcher:
+    """Serves demands and prefetches predicted objects into ``cache`` from ``homes``."""
+
+    def __init__(
+        self, cache: SlotCache, homes: Homes, manager: TierManager, *, config: PrefetchConfig = PrefetchConfig(),
+        predictor: Predictor | None = None, predictions: PredictionScores | None = None,
+    ) -> None:
+        self.cache = cache
+        self.homes = homes
+        self.manager = manager
+        self.config = config
+        self.predictor = predictor
+        self.predictions = predictions
+        self.stats = PrefetchStats()
+        self._loads: dict[ObjectKey, TransferHandle] = {}
+        self._unused_prefetches: set[ObjectKey] = set()
+        self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._cuda = self.cache.device.type == "cuda"
+        # gates: the engine's copy streams wait on the submitting stream, so copies are submitted from
+        # these, which wait on exactly what a copy must (its slot's last use; for prefetch, the demand)
+        self._demand_gate = torch.cuda.Stream(device=self.cache.device) if self._cuda else None
+        self._prefetch_gate = torch.cuda.Stream(device=self.cache.device) if self._cuda else None
+        self._last_use: dict[ObjectKey, torch.cuda.Event] = {}  # key -> event after its last queued use
+        self._slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after which it may be overwritten
+        self._layer_demands: list[TransferHandle] = []
+        first = homes.key_at(0, 0)
+        self._object_bytes = int(homes.home(first).numel())
+        link_gbps = config.link_gbps or manager.tier(homes.tier_of(first)).link.bandwidth_gbps
+        self.window = LinkWindow(link_gbps, config.link_fill) if config.link_fill is not None else None
+
+    # ---- demand ----------------------------------------------------------------------------
+    def demand(self, keys: Sequence[ObjectKey], tick: int) -> Iterator[list[ObjectKey]]:
+        """Yield ``keys`` (one slot group) in waves that are pinned and being copied; use each via ``ready``.
+
+        The first wave holds every key already present, then as many misses as the group has room for.
+        A wave stays pinned until the caller asks for the next one (or the generator closes).
+        """
+        self._reap()
+        self._layer_demands.clear()
+        if self.window is not None:
+            self.window.layer_started()
+        present = [k for k in keys if self.cache.contains(k)]
+        pending = sorted(k for k in keys if not self.cache.contains(k))
+        self.stats.demands += len(keys)
+        self.stats.hits += len(present)
+        self.stats.late += sum(1 for k in present if k in self._loads)
+        used = self._unused_prefetches.intersection(present)
+        self.stats.prefetch_used += len(used)
+        self._unused_prefetches -= used
+        wave: list[ObjectKey] = []
+        for key in present:
+            self.cache.pin(key)
+            self.cache.touch(key, tick)
+            wave.append(key)
+        first = True
+        while pending or first:
+            try:
+                if pending:
+                    pending = self._fetch_some(wave, pending, tick)
+                if not first:
+                    self.stats.extra_waves += 1
+                first = False
+                yield list(wave)
+            finally:
+                if self._cuda and wave:
+                    used = torch.cuda.Event()
+                    used.record(torch.cuda.current_stream(self.cache.device))
+                    self._last_use.update(dict.fromkeys(wave, used))
+                for key in wave:
+                    self.cache.unpin(key)
+                wave.clear()
+
+    def ready(self, key: ObjectKey) -> torch.Tensor:
+        """``key``'s slot row, once the compute stream will see its bytes (waits only on this copy)."""
+        handle = self._loads.get(key)
+        if handle is not None:
+            if handle.done():
+                self._land(key)
+            elif self._cuda:
+                stream = torch.cuda.current_stream(self.cache.device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                handle.wait_on(stream)
+                end.record(stream)
+                self._stall_events.append((start, end))
+            else:
+                began = time.perf_counter()
+                handle.wait()
+                self.stats.stall_s += time.perf_counter() - began
+                self._land(key)
+        return self.cache.block(key)
+
+    # ---- prefetch --------------------------------------------------------------------------
+    def prefetch(self, context: RouteContext, tick: int) -> int:
+        """Predict the ``distance`` layers after ``context.layer``, publish the scores (for the ``predicted``
+        eviction policy) and load the best within budget; returns the loads issued."""
+        distance = self.config.distance
+        if self.predictor is None or distance == 0:
+            return 0
+        self._reap()
+        num_layers = len(self.homes.layers)
+        scores = np.asarray(self.predictor.predict(context, distance))
+        expected = (distance, context.batch_size, context.num_experts)
+        if scores.shape != expected:
+            raise ConfigError(
+                f"prefetch: predictor {type(self.predictor).__name__} returned scores of shape {scores.shape}; the "
+                f"Predictor protocol requires [distance, batch, experts] = {list(expected)}"
+            )
+        issued = 0
+        for d in range(1, distance + 1):
+            position = (context.layer + d) % num_layers
+            per_object = scores[d - 1].sum(axis=0)
+            wanted = {self.homes.key_at(position, i): float(s) for i, s in enumerate(per_object)}
+            if self.predictions is not None:
+                self.predictions.update(wanted)
+            if self.config.objects_per_layer > 0:
+                issued += self._apply_prefetch(wanted, tick)
+        return issued
+
+    def _apply_prefetch(self, wanted: Mapping[ObjectKey, float], tick: int) -> int:
+        group = self.cache.group_of(next(iter(wanted)))
+        max_bytes = self.config.objects_per_layer * self._object_bytes
+        if self.window is not None:
+            link_bytes = self.window.budget_bytes()
+            self.stats.prefetch_capped += link_bytes < max_bytes
+            max_bytes = min(max_bytes, link_bytes)
+        budget = PrefetchBudget(max_bytes=max_bytes, object_bytes=self._object_bytes, min_score=self.config.min_score)
+        plan = plan_prefetch(
+            wanted, self.cache.order(group), self.cache.in_flight(group), self.cache.snapshot().pinned,
+            self.cache.free_slots(group), budget,
+        )
+        if not plan.loads:
+            return 0
+        if self._cuda:
+            for handle in self._layer_demands:  # demand first: prefetches start once this layer's misses landed
+                handle.wait_on(self._prefetch_gate)
+            self._layer_demands.clear()
+        for key in plan.evictions:
+            self._evict(key)
+        self._issue(plan.loads, tick, prefetch=True)
+        return len(plan.loads)
+
+    # ---- accounting ------------------------------------------------------------------------
+    def collect_stats(self) -> PrefetchStats:
+        """The counters, with GPU stall time resolved (synchronises the device if stalls were recorded)."""
+        if self._stall_events:
+            self._stall_events[-1][1].synchronize()
+            self.stats.stall_s += sum(s.elapsed_time(e) for s, e in self._stall_events) / 1e3
+            self._stall_events.clear()
+        return self.stats
+
+    def reset_stats(self) -> None:
+        self.collect_stats()
+        self.stats = PrefetchStats()
+        self._unused_prefetches.clear()
+
+    def drain(self) -> None:
+        """Wait for every copy in flight and record it as landed."""
+        for key, handle in list(self._loads.items()):
+            handle.wait()
+            self._land(key)
+
+    # ---- internals -------------------------------------------------------------------------
+    def _fetch_some(self, wave: list[ObjectKey], pending: list[ObjectKey], tick: int) -> list[ObjectKey]:
+        """Fetch as many ``pending`` keys as the group has room for (evicting by policy); returns the rest."""
+        group = self.cache.group_of(pending[0])
+        snapshot = self.cache.snapshot()
+        order = self.cache.order(group)
+        room = self.cache.free_slots(group) + sum(1 for k in order if k not in snapshot.pinned)
+        if room == 0 and not wave:
+            self._wait_group(group)  # only prefetches in flight hold the group's slots: let them land
+            snapshot, order = self.cache.snapshot(), self.cache.order(group)
+            room = self.cache.free_slots(group) + sum(1 for k in order if k not in snapshot.pinned)
+            if room == 0:
+                raise ConfigError(
+                    f"prefetch: slot group {group} has no slot that is free or evictable (all pinned); "
+                    "give the cache at least one slot per object a layer needs at once"
+                )
+        if room == 0:
+            return pending
+        chunk, rest = pending[:room], pending[room:]
+        plan = plan_demand(chunk, order, self.cache.in_flight(group), snapshot.pinned, self.cache.free_slots(group))
+        for key in plan.evictions:
+            self._evict(key)
+        if plan.loads:
+            self._issue(plan.loads, tick, prefetch=False)
+        for key in plan.loads:
+            self.cache.pin(key)
+            self.cache.touch(key, tick)
+            wave.append(key)
+        self.stats.misses += len(plan.loads)
+        return rest
+
+    def _issue(self, keys: Sequence[ObjectKey], tick: int, *, prefetch: bool) -> None:
+        """Take a slot for each key and copy all of them in one submit; each key keeps its own completion."""
+        pairs = []
+        try:
+            for key in keys:
+                pairs.append((self.homes.home(key), self.cache.begin_load(key, tick)))
+            if self._cuda:
+                gate = self._prefetch_gate if prefetch else self._demand_gate
+                for key in keys:
+                    free = self._slot_free.pop(self.cache.slot_of(key), None)
+                    if free is not None:
+                        gate.wait_event(free)
+                with torch.cuda.stream(gate):
+                    handle = self._submit(keys, pairs, prefetch)
+            else:
+                handle = self._submit(keys, pairs, prefetch)
+        except BaseException:
+            for key in keys[: len(pairs)]:
+                self.cache.abort_load(key)
+            raise
+        nbytes = self._object_bytes
+        for index, key in enumerate(keys):
+            self._loads[key] = handle.part(index)
+            self.stats.bytes_by_tier[self.homes.tier_of(key)] += nbytes
+        total = nbytes * len(keys)
+        if prefetch:
+            self.stats.prefetch_loads += len(keys)
+            self.stats.prefetch_bytes += total
+            self._unused_prefetches.update(keys)
+        else:
+            self._layer_demands.append(handle)
+            self.stats.demand_bytes += total
+            if self.window is not None:
+                self.window.demanded(total)
+
+    def _submit(self, keys: Sequence[ObjectKey], pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                prefetch: bool) -> TransferHandle:
+        """One plan for ``pairs`` (home -> slot row), applying the source tiers' I/O hooks (sim, faulty)."""
+        copies = []
+        for key, (src, dst) in zip(keys, pairs):
+            tier = self.manager.tier(self.homes.tier_of(key))
+            copies.append(Copy(src, dst, (tier.on_io,) if tier.io_hooked else ()))
+        return self.manager.engine.submit(make_plan(copies), background=prefetch)
+
+    def _evict(self, key: ObjectKey) -> None:
+        used = self._last_use.pop(key, None)
+        if used is not None:
+            self._slot_free[self.cache.slot_of(key)] = used
+        self.cache.evict(key)
+        if key in self._unused_prefetches:
+            self._unused_prefetches.discard(key)
+            self.stats.prefetch_evicted_unused += 1
+
+    def _land(self, key: ObjectKey) -> None:
+        del self._loads[key]
+        self.cache.finish_load(key)
+
+    def _wait_group(self, group: int) -> None:
+        for key in [k for k in self._loads if self.cache.group_of(k) == group]:
+            self._loads[key].wait()
+            self._land(key)
+
+    def _reap(self) -> None:
+        for key in [k for k, handle in self._loads.items() if handle.done()]:
+            self._land(key)

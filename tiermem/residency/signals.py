@@ -1,0 +1,116 @@
+"""Signals that eviction policies read: activation counts, predicted scores, and (simulation only) the future.
+
+Each signal is an object handed to a policy at construction and updated by its producer: the cache
+records activations, the prefetcher publishes predictions, the simulator advances the future's clock.
+They outlive residency: an expert evicted and loaded again keeps its counts (as in MoE-Infinity).
+
+Invariants: every signal is keyed by opaque ``ObjectKey``s; unknown keys read as "no evidence"
+(count 0, score 0, never used again); ``ActivationCounts`` and ``PredictionScores`` are thread-safe.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+
+from tiermem.errors import ConfigError
+from tiermem.types import ObjectKey
+
+
+class ActivationCounts:
+    """How often each object was used, optionally decayed with a half-life measured in ticks.
+
+    With ``half_life_ticks=None`` counts are plain totals. Otherwise a use at tick ``u`` weighs
+    ``0.5 ** ((now - u) / half_life_ticks)`` where ``now`` is the latest tick recorded, so old
+    popularity fades; each count is stored as of its last update and decayed on read (O(1) per use).
+    """
+
+    def __init__(self, half_life_ticks: float | None = None) -> None:
+        if half_life_ticks is not None and not half_life_ticks > 0:
+            raise ConfigError(f"residency activation counts: half_life_ticks must be > 0, got {half_life_ticks}")
+        self.half_life_ticks = half_life_ticks
+        self._lock = threading.Lock()
+        self._counts: dict[ObjectKey, tuple[float, int]] = {}  # key -> (count as of tick, tick)
+        self._now = 0
+
+    def record(self, key: ObjectKey, tick: int, uses: float = 1.0) -> None:
+        """Add ``uses`` activations of ``key`` at ``tick`` (ticks never go backwards)."""
+        with self._lock:
+            self._now = max(self._now, tick)
+            self._counts[key] = (self._decayed(key, self._now) + uses, self._now)
+
+    def count(self, key: ObjectKey) -> float:
+        """The (decayed) activation count of ``key`` as of the latest recorded tick."""
+        with self._lock:
+            return self._decayed(key, self._now)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._now = 0
+
+    def _decayed(self, key: ObjectKey, now: int) -> float:
+        count, tick = self._counts.get(key, (0.0, now))
+        if self.half_life_ticks is None or tick == now:
+            return count
+        return count * math.exp2(-(now - tick) / self.half_life_ticks)
+
+
+class PredictionScores:
+    """The latest predicted score of each object (higher = more likely needed soon), set by the prefetcher."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scores: dict[ObjectKey, float] = {}
+
+    def update(self, scores: Mapping[ObjectKey, float]) -> None:
+        """Overwrite the scores of the given keys; other keys keep theirs."""
+        with self._lock:
+            self._scores.update(scores)
+
+    def score(self, key: ObjectKey) -> float:
+        """The latest score of ``key``; 0.0 when it was never predicted."""
+        with self._lock:
+            return self._scores.get(key, 0.0)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._scores.clear()
+
+
+class FutureUses:
+    """When each object will be used, for Belady's oracle. Simulation only: a live system has no future.
+
+    Built from the complete list of (tick, key) uses of a trace; ``advance(tick)`` moves the clock,
+    and ``next_use(key)`` is the first use at or after it (``inf`` when there is none).
+    Not thread-safe: the simulator drives it from one thread.
+    """
+
+    def __init__(self, uses: Mapping[ObjectKey, Sequence[int]]) -> None:
+        self._ticks = {key: sorted(ticks) for key, ticks in uses.items()}
+        self._now = 0
+
+    @classmethod
+    def from_events(cls, events: Iterable[tuple[int, ObjectKey]]) -> FutureUses:
+        uses: dict[ObjectKey, list[int]] = {}
+        for tick, key in events:
+            uses.setdefault(key, []).append(tick)
+        return cls(uses)
+
+    @property
+    def now(self) -> int:
+        return self._now
+
+    def advance(self, tick: int) -> None:
+        if tick < self._now:
+            raise ConfigError(f"residency future uses: the clock cannot go back from tick {self._now} to {tick}")
+        self._now = tick
+
+    def next_use(self, key: ObjectKey) -> float:
+        ticks = self._ticks.get(key)
+        if not ticks:
+            return math.inf
+        i = bisect.bisect_left(ticks, self._now)
+        return float(ticks[i]) if i < len(ticks) else math.inf
