@@ -21,7 +21,13 @@ import torch
 
 from tiermem.bench.engram_model import SHAPES
 from tiermem.engram import (
-    EngramLookup, EngramLookupConfig, EngramTable, GatherMethod, HotRowCache, NgramHasher, TableLayout,
+    EngramLookup,
+    EngramLookupConfig,
+    EngramTable,
+    GatherMethod,
+    HotRowCache,
+    NgramHasher,
+    TableLayout,
 )
 
 CACHE_FRACTIONS = (0.001, 0.01, 0.1)  # of a layer's rows

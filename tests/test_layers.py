@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tiermem"
 LAYERS = {
     "types": 0, "errors": 0, "config": 0, "registry": 0,
     "numa": 1, "sysfs": 1, "topology": 1, "topology_render": 1, "defaults": 1,
-    "tiers": 2, "residency": 2, "predict": 2,
+    "tiers": 2, "residency": 2, "predict": 2, "rdma": 2,
     "transfer": 3,
     "manager": 4,
     "prefetch": 5, "experts": 5, "engram": 5, "simulate": 5, "repair": 5, "placement": 5,

@@ -9,10 +9,12 @@ Packages, lowest layer first (imports only flow downward; ``tests/test_layers.py
 |-------|-------------------------------------------|---------------------------------------------------|
 | 0     | types, errors, config, registry           | keys, error hierarchy, frozen configs, registries  |
 | 1     | numa, topology, defaults                  | what this host has; default tier layout           |
-| 2     | tiers/, residency/, predict/              | WHERE bytes live; WHAT is where; WHAT comes next  |
+| 2     | tiers/, residency/, predict/, rdma/       | WHERE bytes live; WHAT is where; WHAT comes next; |
+|       |                                           | peer-host pools read through NIXL                 |
 | 3     | transfer/                                 | HOW bytes move (submit -> handle -> wait)         |
 | 4     | manager                                   | TierManager: the allocator API over tiers+engine  |
-| 5     | prefetch/, experts/, engram/, simulate/   | prediction-driven moves; MoE experts; Engram rows |
+| 5     | prefetch/, experts/, engram/, repair/,    | prediction-driven moves; MoE experts; Engram rows;|
+|       | simulate/                                 | EP coverage repair; cost-model simulation         |
 | 6     | bench/, cli/                              | ``tiermem bench``, the ``tiermem`` command        |
 
 Public API: ``TierManager`` (allocator), ``ManagerConfig``, ``offload(model, ...)`` (MoE experts on host

@@ -135,7 +135,8 @@ def test_importing_the_engram_package_loads_no_triton():
 def test_uva_gather_refuses_pageable_host_memory():
     table = torch.zeros(4, 16, dtype=torch.uint8)
     with pytest.raises(TransferError, match="pageable"):
-        uva_gather(table, torch.zeros(2, dtype=torch.int64), torch.ones(1, dtype=torch.int64), torch.empty(2, 16))
+        uva_gather(table, torch.zeros(2, dtype=torch.int64), torch.ones(1, dtype=torch.int64), torch.empty(2, 16),
+                   max_programs=1)
 
 
 def test_uva_kernel_gathers_the_planned_rows_in_the_triton_interpreter():
@@ -183,6 +184,8 @@ def test_gpu_host_gathers_equal_the_hbm_resident_rows(row_format, method):
         for seed, num_positions in ((0, 1), (1, WINDOW), (2, 1)):
             ids = random_ids(seed=seed).cuda()
             expected = rows_of(near, ids, num_positions)
+            indices = hasher.hash(ids.cpu(), num_positions)
+            assert all(torch.equal(expected[layer].cpu(), host[layer].read_rows(indices[layer])) for layer in expected)
             for lookup in (far, cached):
                 got = rows_of(lookup, ids, num_positions)
                 torch.cuda.synchronize()

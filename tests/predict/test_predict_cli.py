@@ -44,7 +44,7 @@ def test_train_then_eval_on_the_held_out_sequences(trace_file, tmp_path, capsys,
     report = tmp_path / "report.json"
     assert run("eval", "--trace", str(trace_file), "--model", str(model), "--json", str(report)) == 0
     out = capsys.readouterr().out
-    for name in (*EVERY_PREDICTOR, "oracle", "CPU us", "held out the 3 sequences"):
+    for name in (*EVERY_PREDICTOR, "oracle", "us/call", "held out the 3 sequences"):
         assert name in out
     metrics = json.loads(report.read_text())["metrics"]
     assert {m["predictor"] for m in metrics} == {*EVERY_PREDICTOR, "oracle"}

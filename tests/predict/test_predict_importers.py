@@ -90,6 +90,10 @@ def test_sglang_return_routed_experts_answers_become_sequences():
     assert trace.num_tokens == 2 * routes.shape[0] and trace.sequence_ids.tolist() == [0, 1]
     assert np.all(trace.experts[:, 0] == -1) and trace.layers.tolist() == [1, 2]
     assert trace.phase[:5].tolist() == [PREFILL] * prompt + [DECODE] * (completion - 1)
+    tail = {"meta_info": {**answer["meta_info"],
+                          "routed_experts": base64.b64encode(routes[2:].tobytes()).decode()}}  # start_len = 2
+    partial = from_sglang_routed_experts([tail], num_layers=LAYERS, top_k=TOP_K, num_experts=EXPERTS, start_len=2)
+    assert partial.pos.tolist() == [2, 3, 4] and partial.phase.tolist() == [PREFILL, DECODE, DECODE]
     bad = {"meta_info": {**answer["meta_info"], "completion_tokens": 9}}
     with pytest.raises(TraceError, match="expected"):
         from_sglang_routed_experts([bad], num_layers=LAYERS, top_k=TOP_K, num_experts=EXPERTS)

@@ -37,10 +37,26 @@ from pathlib import Path
 import torch
 
 from tiermem.bench.engram_model import (
-    SHAPES, VOCAB, Backbone, Captured, Shape, eager_steps, lookup_alone, percentile, scaled, sync,
+    SHAPES,
+    VOCAB,
+    Backbone,
+    Captured,
+    Shape,
+    eager_steps,
+    lookup_alone,
+    percentile,
+    scaled,
+    sync,
 )
-from tiermem.engram import EngramLookup, EngramLookupConfig, EngramTable, GatherMethod, NgramHasher, TableLayout
-from tiermem.engram.lookup import StreamPriority
+from tiermem.engram import (
+    EngramLookup,
+    EngramLookupConfig,
+    EngramTable,
+    GatherMethod,
+    NgramHasher,
+    StreamPriority,
+    TableLayout,
+)
 from tiermem.errors import TierMemError
 from tiermem.manager import TierManager
 
@@ -140,7 +156,7 @@ def run_shape(shape: Shape, args: argparse.Namespace, device: torch.device, out:
     dtype = torch.bfloat16
     with TierManager.from_config({"tiers": [{"kind": "dram", "capacity_bytes": table_bytes + (1 << 30)}]}) as tm:
         host, resident = build_tables(shape, hasher, tm, device, out)
-        config = EngramLookupConfig(max_tokens_per_submit=max(args.batches))
+        config = EngramLookupConfig(max_tokens_per_submit=max(args.batches), fuse_hash_gather=not args.no_fuse)
         lookups = {"resident": EngramLookup(hasher, resident, config, device=device, out_dtype=dtype)}
         for name in args.methods:
             method, overrides = VARIANTS[name]
@@ -244,8 +260,9 @@ def verdict_table(verdicts: list[dict]) -> str:
     for v in verdicts:
         rows.setdefault((v["shape"], v["mode"], v["method"]), {})[v["batch"]] = v
     head = f"{'shape':<10} {'mode':<6} {'method':<12}" + "".join(f"{b:>9}" for b in batches) + "  target met"
-    lines = [f"step overhead vs HBM-resident table, % (target <= {ACCEPT_MAX_OVERHEAD_PCT:g}% at batch <= "
-             f"{ACCEPT_MAX_BATCH}; * = missed)", head]
+    title = (f"step overhead vs HBM-resident table, % (target <= {ACCEPT_MAX_OVERHEAD_PCT:g}% at batch <= "
+             f"{ACCEPT_MAX_BATCH}; * = missed)")
+    lines = [title, head]
     for (shape, mode, method), cells in rows.items():
         text = "".join(f"{_cell(cells.get(b)):>9}" for b in batches)
         judged = [c["meets_target"] for c in cells.values() if c["meets_target"] is not None]
@@ -274,6 +291,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default=None, help="comma list of decode batch sizes (default: preset)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: preset)")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    parser.add_argument("--no-fuse", action="store_true", help="torch hashing for every lookup, resident included "
+                                                                "(the first run's baseline)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke)")
 
 

@@ -392,7 +392,7 @@ def print_summary(records: list[dict[str, Any]]) -> None:
                       _fmt(r.get("sim_belady"), ".3f"), _fmt(r.get("gap_closed"), ".2f"),
                       _fmt(efficiency.get(r["workload"]), ".2f"), _fmt(overlap.get((*where, "lru")), ".2f"),
                       _fmt(overlap.get((*where, "tiermem")), ".2f"))
-    Console().print(table)
+    Console(width=170).print(table)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -407,4 +407,4 @@ def print_table(records: list[dict[str, Any]]) -> None:
         table.add_row(r["workload"], str(r["batch"]), f"{r['fraction']:.2f}", r["mode"], f"{r['tokens_per_s']:.1f}",
                       f"{r['hit_rate']:.3f}", f"{r['stall_s']:.3f}", f"{r['bytes_moved'] / 1e9:.2f}",
                       f"{r.get('overlap_ratio', float('nan')):.2f}")
-    Console().print(table)
+    Console(width=170).print(table)

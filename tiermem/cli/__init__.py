@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from tiermem.cli import bench, predictor, simulate, topo
+from tiermem.cli import bench, pool, predictor, simulate, topo
 from tiermem.errors import TierMemError
 
-SUBCOMMANDS = (topo, bench, simulate, predictor)
+SUBCOMMANDS = (topo, bench, simulate, predictor, pool)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tiermem.bench import fingerprint, moe, plot, suites
+from tiermem.bench import engram, fingerprint, moe, plot, suites
 from tiermem.bench.acceptance import all_passed, run_checks
 from tiermem.bench.compare import compare
 from tiermem.bench.copy import CopySweep, Direction, Engine
@@ -28,7 +28,7 @@ from tiermem.bench.results import read_jsonl
 from tiermem.bench.session import Session, add_session_options, session_options
 from tiermem.config import parse_bytes
 
-EXTRA_SUITES = (moe,)  # modules with add_parser(bench_subparsers)
+EXTRA_SUITES = (moe, engram)  # modules with add_parser(bench_subparsers)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

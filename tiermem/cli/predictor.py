@@ -63,6 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--folds", type=int, default=2, help="folds by seq_id %% folds when no --model (default 2)")
     score.add_argument("--no-oracle", action="store_true", help="leave out the oracle upper bound")
     score.add_argument("--json", type=Path, help="also write every metric to this JSON file")
+    score.add_argument("--device", default="cpu",
+                       help="where the learned model runs when scored and timed, e.g. cuda (default cpu)")
     _learned_options(score)
     score.set_defaults(func=run_eval)
 
@@ -132,6 +134,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     trace, notes = prepare(load_trace(args.trace))
+    if args.device != "cpu":
+        notes += (f"the learned model runs on {args.device} (its features are built on the CPU)",)
     report = _evaluate_with_model(trace, args, notes) if args.model else _cross_validate(trace, args, notes)
     Console().print(render(report, trace, args.trace.name))
     if args.json:
@@ -142,7 +146,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def _cross_validate(trace: RouteTrace, args: argparse.Namespace, notes: tuple[str, ...]) -> EvalReport:
     def make(train_trace: RouteTrace) -> dict[str, object]:
         predictors = baselines(train_trace, args.max_distance)
-        predictors["learned"] = train(train_trace, _config(args))
+        predictors["learned"] = train(train_trace, _config(args)).to(args.device)
         return predictors
 
     notes += (f"{args.folds}-fold by seq_id % {args.folds}: fit on the other folds, scored on held-out sequences",)
@@ -151,7 +155,7 @@ def _cross_validate(trace: RouteTrace, args: argparse.Namespace, notes: tuple[st
 
 
 def _evaluate_with_model(trace: RouteTrace, args: argparse.Namespace, notes: tuple[str, ...]) -> EvalReport:
-    model = LearnedPredictor.load(args.model)
+    model = LearnedPredictor.load(args.model, device=args.device)
     if tuple(int(i) for i in trace.layer_ids) != model.layer_ids:
         raise TraceError(f"predictor eval: the model was trained on layers {list(model.layer_ids)}, the trace has "
                            f"{trace.layer_ids.tolist()}")
@@ -192,15 +196,16 @@ def render(report: EvalReport, trace: RouteTrace, name: str) -> Table:
                 cell = f"{t.recall_k:.3f} / {t.recall_2k:.3f} / {t.precision_2k:.3f}"
                 cells.append(f"[bold]{cell}[/bold]" if predictor != "oracle" and t.recall_k == best else cell)
             table.add_row(phase, str(distance), str(tallies[0].targets), *cells)
-    table.add_row("CPU us", "per call", "B=1", *(f"{report.predict_us[p]:.0f}" if p in report.predict_us else "-"
-                                                for p in report.predictors))
+    timings = (f"{report.predict_us[p]:.0f}" if p in report.predict_us else "-" for p in report.predictors)
+    table.add_row("us/call", "B=1", "", *timings)
     return table
 
 
 def _caption(report: EvalReport) -> list[str]:
     k, set_size = report.top_k, min(2 * report.top_k, report.num_experts)
     lines = [(f"cell = recall@{k} / recall@{set_size} / precision@{set_size} (precision@{k} = recall@{k} when "
-              f"every target has {k} experts); best real predictor in bold")]
+              f"every target has {k} experts); best real predictor in bold; us/call = mean wall time of one "
+              f"predict call for one decode token, all distances")]
     if "oracle" in report.predictors:
         lines.append("oracle = perfect knowledge of the future: an upper bound, not a predictor")
     return lines + [f"note: {note}" for note in report.notes]

@@ -7,8 +7,8 @@ Map of the package (imports flow down this list):
   safetensors I/O, pattern fill.
 - ``cache``: ``HotRowCache``, an optional HBM copy of the most frequent rows with measured hits.
 - ``plan``: ``plan_fetch`` (batch de-duplication and cache hits, as a frozen ``FetchPlan``).
-- ``gather``: the UVA zero-copy gather (its Triton kernel in ``uva_kernel``, loaded on first use)
-  and the CPU gather into pinned staging.
+- ``gather``: the fused hash + gather and the UVA zero-copy gather (Triton kernels in ``uva_kernel``,
+  loaded on first use), and the CPU gather into pinned staging.
 - ``lookup``: ``EngramLookup.submit(token_ids) -> {layer: LookupHandle}``; ``handle.wait()``.
 - ``module``: ``EngramModule.forward(hidden, rows)``, the block that fuses rows into the residual.
 
@@ -19,7 +19,14 @@ current stream), a ``GatherMethod`` member, and its branch in ``EngramLookup._ga
 from tiermem.engram.cache import CacheStats, HotRowCache
 from tiermem.engram.compression import build_compression_table
 from tiermem.engram.hashing import EngramHashConfig, NgramHasher
-from tiermem.engram.lookup import EngramLookup, EngramLookupConfig, GatherMethod, LayerLookupStats, LookupHandle
+from tiermem.engram.lookup import (
+    EngramLookup,
+    EngramLookupConfig,
+    GatherMethod,
+    LayerLookupStats,
+    LookupHandle,
+    StreamPriority,
+)
 from tiermem.engram.module import EngramModule, EngramModuleConfig
 from tiermem.engram.plan import FetchPlan, plan_fetch
 from tiermem.engram.table import EngramTable, RowFormat, TableLayout
@@ -27,5 +34,5 @@ from tiermem.engram.table import EngramTable, RowFormat, TableLayout
 __all__ = [
     "CacheStats", "EngramHashConfig", "EngramLookup", "EngramLookupConfig", "EngramModule", "EngramModuleConfig",
     "EngramTable", "FetchPlan", "GatherMethod", "HotRowCache", "LayerLookupStats", "LookupHandle", "NgramHasher",
-    "RowFormat", "TableLayout", "build_compression_table", "plan_fetch",
+    "RowFormat", "StreamPriority", "TableLayout", "build_compression_table", "plan_fetch",
 ]

@@ -50,7 +50,7 @@ class LearnedConfig:
     dropout: float = option(0.3, help="dropout after each hidden layer during training")
     wide: bool = option(True, help="add linear paths from the anchor layer's experts and from the target layer "
                                    "one token earlier to each target (learned co-occurrence tables)")
-    history: bool = option(True, help="also use the sequence's expert shares so far (context.activation)")
+    history: bool = option(False, help="also use the sequence's expert shares so far (context.activation)")
     max_steps: int = option(4000, help="upper bound on optimiser steps of the search for the step count")
     batch_size: int = option(256, help="contexts per optimiser step")
     learning_rate: float = option(2e-3, help="AdamW learning rate")
@@ -60,6 +60,8 @@ class LearnedConfig:
                   "0 = train max_steps steps on everything")
     eval_every: int = option(50, help="optimiser steps between validation checks")
     patience: int = option(5, help="validation checks without improvement that end the search")
+    refit: bool = option(True, help="retrain on every token for the chosen step count (else keep the search "
+                                    "run's best weights, trained without the held-back tokens: half the time)")
     seed: int = option(0, help="seed of initialisation and shuffling")
 
     def __post_init__(self) -> None:
@@ -123,8 +125,14 @@ class RouteNet(nn.Module):
         self.history_gain = (nn.ParameterList(nn.Parameter(torch.zeros(depth, num_experts)) for _ in heads)
                              if config.history else None)
         self._targets = [[(head - 1 + d) % num_layers for d in range(1, depth + 1)] for head in heads]
-        self._step_sources = [[_step_source(head - 1, d, num_layers) for d in range(1, depth + 1)]
-                              for head in range(num_layers + 1)]
+        sources = [[_step_source(head - 1, d, num_layers) for d in range(1, depth + 1)] for head in heads]
+        # Per head and distance: take the target layer from previous (0) or current (1), or nothing (known 0).
+        self.register_buffer("step_kind", torch.tensor([[int(k == "current") for k, _ in r] for r in sources]),
+                             persistent=False)
+        self.register_buffer("step_layer", torch.tensor([[layer for _, layer in r] for r in sources]),
+                             persistent=False)
+        self.register_buffer("step_known", torch.tensor([[[float(bool(k))] for k, _ in r] for r in sources]),
+                             persistent=False)
 
     def forward(self, inputs: Inputs) -> torch.Tensor:
         current, previous, anchor = inputs.current, inputs.previous, inputs.anchor
@@ -142,12 +150,13 @@ class RouteNet(nn.Module):
         logits = torch.nn.functional.linear(hidden, self.head_weight[anchor], self.head_bias[anchor])
         logits = logits.view(batch, self.config.max_distance, self.num_experts)
         if self.wide_anchor is not None:
-            if anchor > 0:
-                logits = logits + torch.einsum("be,dfe->bdf", current[:, anchor - 1], self.wide_anchor[anchor])
-            none = current.new_zeros(batch, self.num_experts)
-            sources = torch.stack([(previous if kind == "previous" else current)[:, layer] if kind else none
-                                   for kind, layer in self._step_sources[anchor]], dim=1)
-            logits = logits + torch.einsum("bde,dfe->bdf", sources, self.wide_step[anchor])
+            experts = self.num_experts
+            if anchor > 0:  # [B, E] @ [E, D*E]: the anchor layer's experts vote for every target
+                table = self.wide_anchor[anchor].reshape(-1, experts)
+                logits = logits + (current[:, anchor - 1] @ table.T).view_as(logits)
+            kinds, layers = self.step_kind[anchor], self.step_layer[anchor]
+            sources = torch.stack((previous, current), dim=1)[:, kinds, layers] * self.step_known[anchor]
+            logits = logits + torch.bmm(sources.transpose(0, 1), self.wide_step[anchor].transpose(1, 2)).transpose(0, 1)
         if self.history_gain is not None:
             logits = logits + self.history_gain[anchor] * inputs.history[:, self._targets[anchor]]
         return logits
@@ -211,6 +220,11 @@ class LearnedPredictor:
         with torch.inference_mode():
             probabilities = torch.sigmoid(self.net(inputs)[:, :distance])
         return probabilities.permute(1, 0, 2).float().cpu().numpy()
+
+    def to(self, device: str | torch.device) -> LearnedPredictor:
+        """The same model served on ``device`` (features are still built on the CPU)."""
+        return LearnedPredictor(self.net, layer_ids=self.layer_ids, model=self.model,
+                                train_sequences=self.train_sequences, device=device)
 
     def save(self, path: str | Path) -> None:
         torch.save({

@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -95,12 +96,14 @@ def train(trace: RouteTrace, config: LearnedConfig | None = None) -> LearnedPred
     steps, recall = config.max_steps, float("nan")
     with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's random state
         if fit and held:
-            best_step, recall = _search_steps(trace, fit, held, config)
-            scale = sum(e.count for e in examples) / sum(e.count for e in fit)
-            steps = max(1, round(best_step * scale))
-        net = _new_net(trace, config)
-        for _ in _steps(net, examples, steps, config):
-            pass
+            net, best_step, recall = _search_steps(trace, fit, held, config)
+            steps = max(1, round(best_step * sum(e.count for e in examples) / sum(e.count for e in fit)))
+        if not (fit and held) or config.refit:
+            net = _new_net(trace, config)
+            for _ in _steps(net, examples, steps, config):
+                pass
+        else:
+            steps = best_step
     logger.info("train: %d contexts from %d sequences, %d steps (validation recall@%d %.4f), %.1f s",
                 sum(e.count for e in examples), trace.sequence_ids.size, steps, trace.top_k, recall,
                 time.perf_counter() - started)
@@ -109,22 +112,23 @@ def train(trace: RouteTrace, config: LearnedConfig | None = None) -> LearnedPred
 
 
 def _search_steps(trace: RouteTrace, fit: list[Examples], held: list[Examples],
-                  config: LearnedConfig) -> tuple[int, float]:
-    """The step count with the best validation recall at k, and that recall."""
+                  config: LearnedConfig) -> tuple[RouteNet, int, float]:
+    """Train on ``fit`` while the recall at k of ``held`` improves: the best network, its step, its recall."""
     net = _new_net(trace, config)
-    best = (config.eval_every, -1.0)
+    best_step, best_recall, best_state = 0, -1.0, copy.deepcopy(net.state_dict())
     checks_without_gain = 0
     for step in _steps(net, fit, config.max_steps, config):
         if step % config.eval_every:
             continue
         recall = _validation_recall(net, held, trace.top_k)
-        if recall > best[1] + 1e-4:
-            best, checks_without_gain = (step, recall), 0
+        if recall > best_recall + 1e-4:
+            best_step, best_recall, best_state, checks_without_gain = step, recall, copy.deepcopy(net.state_dict()), 0
         else:
             checks_without_gain += 1
             if checks_without_gain >= config.patience:
                 break
-    return best
+    net.load_state_dict(best_state)
+    return net.eval(), best_step, best_recall
 
 
 def _new_net(trace: RouteTrace, config: LearnedConfig) -> RouteNet:

@@ -204,14 +204,15 @@ class PoolServer:
         client_nonce = message.get("nonce")
         if message["type"] != Kind.AUTH or not isinstance(client_nonce, str) or \
                 not proof_matches(proof(self._secret, "client", server_nonce, client_nonce), message.get("proof")):
-            self._refuse(channel, Refusal.AUTH_FAILED, "authentication failed: the secrets differ")
             log.warning("rdma pool: refused %s: authentication failed (wrong secret, or not a tiermem client)",
                         channel.peer)
+            self._refuse(channel, Refusal.AUTH_FAILED, "authentication failed: the secrets differ")
             return None
         try:
             role = Role(message.get("role"))
             peer = self.transport.accept(base64.b64decode(message["hello"])) if role is Role.DATA else None
         except (KeyError, ValueError, TypeError, TransferError) as exc:
+            log.warning("rdma pool: refused %s: bad authentication message: %s", channel.peer, exc)
             self._refuse(channel, Refusal.BAD_REQUEST, f"bad authentication message: {exc}")
             return None
         channel.send({"type": Kind.WELCOME, "proof": proof(self._secret, "server", client_nonce, server_nonce),

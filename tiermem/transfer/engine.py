@@ -143,6 +143,7 @@ class TransferEngine:
                 self._bytes_by_direction[direction.value] += copy.nbytes
         parts: list[tuple[list[torch.cuda.Event], list[Future]]] = []
         gpu_events: dict[int, torch.cuda.Event] = {}  # stream -> its last event: the whole plan
+        waited: set[int] = set()  # streams already made to wait on the submitting stream
         futures: list[Future] = []
         for copy, direction in zip(plan.copies, directions):
             if copy.hooks:
@@ -154,7 +155,7 @@ class TransferEngine:
                 parts.append(([], pieces))
                 futures += pieces
             else:
-                events = self._enqueue_gpu(copy, direction, background)
+                events = self._enqueue_gpu(copy, direction, background, waited)
                 parts.append((list(events.values()), []))
                 gpu_events.update(events)
         nbytes = plan.nbytes
@@ -188,18 +189,19 @@ class TransferEngine:
                     lane = self._streams[key] = (streams, itertools.count())
         return lane
 
-    def _enqueue_gpu(self, copy: Copy, direction: Direction, background: bool) -> dict[int, torch.cuda.Event]:
+    def _enqueue_gpu(self, copy: Copy, direction: Direction, background: bool,
+                     waited: set[int]) -> dict[int, torch.cuda.Event]:
         """Enqueue one copy's chunks; returns one event per stream used, recorded after its last chunk."""
         device = copy.dst.device if copy.dst.is_cuda else copy.src.device
         lane = Direction.H2D if direction is Direction.D2D else direction
         streams, turn = self._streams_for(device, lane, background)
-        current = torch.cuda.current_stream(device)
         used: dict[int, torch.cuda.Stream] = {}
         for offset, size in split_chunks(copy.nbytes, self.config.chunk_bytes):
             stream = streams[next(turn) % len(streams)]
-            if id(stream) not in used:
-                stream.wait_stream(current)
-                used[id(stream)] = stream
+            used[id(stream)] = stream
+            if id(stream) not in waited:
+                stream.wait_stream(torch.cuda.current_stream(device))
+                waited.add(id(stream))
             try:
                 with torch.cuda.stream(stream):
                     copy.dst.narrow(0, offset, size).copy_(copy.src.narrow(0, offset, size), non_blocking=True)
@@ -222,7 +224,7 @@ class TransferEngine:
         if direction is Direction.H2H:
             _copy_bytes(copy.dst, copy.src)
             return
-        for event in self._enqueue_gpu(copy, direction, False).values():
+        for event in self._enqueue_gpu(copy, direction, False, set()).values():
             event.synchronize()
 
 

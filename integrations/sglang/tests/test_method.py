@@ -23,9 +23,9 @@ from sglang.srt.layers.moe.topk import StandardTopKOutput
 from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 from tiermem.errors import ConfigError
 
-from tiermem_sglang import runtime as runtime_module
 from tiermem_sglang.config import ExpertTier, ExpertTierConfig
 from tiermem_sglang.method import TieredMoEMethod
+from tiermem_sglang.runtime import close_runtimes
 
 NUM_SLOTS = 3
 LAYER_ID = 0
@@ -89,9 +89,7 @@ def tier_config(tmp_path):
     toml.write_text('[[tiers]]\nkind = "cxl"\nbacking = "emulated"\ncapacity_bytes = "8MiB"\narena_bytes = "1MiB"\n'
                     'register_cuda = "never"\n')
     yield ExpertTierConfig(expert_tier=ExpertTier.CXL, slots=NUM_SLOTS, tiermem_config_path=str(toml))
-    for runtime in runtime_module._RUNTIMES.values():
-        runtime.close()
-    runtime_module._RUNTIMES.clear()
+    close_runtimes()
 
 
 def loaded_layer(config: ExpertTierConfig, experts) -> tuple[FusedMoE, TieredMoEMethod]:

@@ -9,6 +9,7 @@ from tiermem.errors import ConfigError
 from tiermem.experts.layout import ExpertLayout
 from tiermem.experts.placement import single_tier
 from tiermem.experts.store import ExpertStore
+from tiermem.manager import TierManager
 
 from tiermem_sglang.pager import LayerPager, plan_waves
 
@@ -86,6 +87,25 @@ def test_prefetched_experts_are_hits_of_the_next_wave_and_hold_their_bytes(pager
     assert_slots_hold(pager, experts)
 
 
+def test_a_full_wave_waits_for_and_evicts_prefetches_it_does_not_need(experts):
+    slow = {"tiers": [{"kind": "sim", "capacity_bytes": "8MiB", "arena_bytes": "1MiB", "bandwidth_gbps": 1e-4,
+                       "register_cuda": "never"}]}  # 100 kB/s: the prefetches are still in flight at the next wave
+    with TierManager.from_config(slow) as manager:
+        store = ExpertStore(manager, layout=ExpertLayout.of(experts[0]), layers=[LAYER], num_experts=NUM_EXPERTS,
+                            placement=single_tier("sim", 1, NUM_EXPERTS))
+        for index, tensors in enumerate(experts):
+            store.write(LAYER, index, tensors)
+        slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN),
+                 "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
+        pager = LayerPager(manager=manager, store=store, layer=LAYER, slots=slots)
+        pager.make_resident([0])
+        assert pager.prefetch({6: 0.9, 7: 0.8}, max_experts=2) == 2
+        placed = pager.make_resident([0, 1, 2])  # needs all 3 slots; 6 and 7 were loaded for nothing
+        assert sorted(placed) == [0, 1, 2] and pager.resident_experts() == {0, 1, 2}
+        assert_slots_hold(pager, experts)
+        store.close()
+
+
 def test_prefetch_never_displaces_a_better_scored_resident_expert(pager):
     started = pager.prefetch({0: 0.9, 1: 0.9, 2: 0.9, 5: 0.5}, max_experts=1)
     assert started == 0
@@ -106,3 +126,27 @@ def test_slot_tensors_must_match_the_home_layout(manager, experts):
     with pytest.raises(ConfigError, match="slot tensor gate_up"):
         LayerPager(manager=manager, store=store, layer=LAYER, slots=wrong)
     store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_waves_land_in_gpu_slots_from_registered_host_memory(experts):
+    config = {"tiers": [{"kind": "cxl", "backing": "emulated", "capacity_bytes": "8MiB", "arena_bytes": "1MiB"}]}
+    with TierManager.from_config(config) as manager:
+        store = ExpertStore(manager, layout=ExpertLayout.of(experts[0]), layers=[LAYER], num_experts=NUM_EXPERTS,
+                            placement=single_tier("cxl", 1, NUM_EXPERTS))
+        for index, tensors in enumerate(experts):
+            store.write(LAYER, index, tensors)
+        slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN, device="cuda"),
+                 "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE, device="cuda")}
+        pager = LayerPager(manager=manager, store=store, layer=LAYER, slots=slots)
+        pager.fill()
+        pager.prefetch({7: 1.0}, max_experts=1)
+        for wave in ([5, 6], [7, 0, 4], [1, 2]):
+            placed = pager.make_resident(wave)
+            torch.cuda.current_stream().synchronize()
+            for expert, slot in placed.items():
+                assert torch.equal(slots["gate_up"][slot].cpu(), experts[expert]["gate_up"])
+                assert torch.equal(slots["down"][slot].cpu(), experts[expert]["down"])
+        pager.drain()
+        store.close()

@@ -24,10 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from tiermem.errors import ConfigError
+from tiermem.errors import CapacityError, ConfigError
 from tiermem.experts.store import ExpertStore
 from tiermem.manager import TierManager
-from tiermem.prefetch import PrefetchBudget, plan_demand, plan_prefetch
+from tiermem.prefetch import DemandPlan, PrefetchBudget, plan_demand, plan_prefetch
 from tiermem.residency import CacheEntry, Directory, PolicySignals, SlotPool, eviction_order, make_policy
 from tiermem.transfer.engine import TransferHandle
 from tiermem.types import ObjectKey
@@ -129,7 +129,12 @@ class LayerPager:
                 self._prefetched.discard(key)
             elif key in self.entries:
                 self.stats.hits += 1
-        plan = plan_demand(keys, self._eviction_order(), set(self._pending), self._pinned(), self._free_slots())
+        try:
+            plan = self._plan_demand(keys)
+        except CapacityError:
+            # Prefetches still in flight hold the slots this wave needs: let them land, then evict them.
+            self._land(list(self._pending))
+            plan = self._plan_demand(keys)
         for victim in plan.evictions:
             self._evict(victim)
         self._load(plan.loads)
@@ -162,6 +167,9 @@ class LayerPager:
         self._land(list(self._pending))
 
     # ---- internals ---------------------------------------------------------------------------
+    def _plan_demand(self, keys: Sequence[ObjectKey]) -> DemandPlan:
+        return plan_demand(keys, self._eviction_order(), set(self._pending), self._pinned(), self._free_slots())
+
     def _eviction_order(self) -> list[ObjectKey]:
         landed = (entry for key, entry in self.entries.items() if key not in self._pending)
         return eviction_order(landed, self.policy)

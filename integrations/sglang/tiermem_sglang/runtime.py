@@ -13,6 +13,7 @@ copy, frees every home and closes the manager, once.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 from pathlib import Path
@@ -158,4 +159,12 @@ def runtime_for(config: ExpertTierConfig, *, host_capacity_bytes: int) -> TierRu
     key = config.to_json()
     if key not in _RUNTIMES:
         _RUNTIMES[key] = TierRuntime(config, host_capacity_bytes=host_capacity_bytes)
+        atexit.register(_RUNTIMES[key].close)
     return _RUNTIMES[key]
+
+
+def close_runtimes() -> None:
+    """Close every runtime of this process (idempotent); the next tiered layer builds a new one."""
+    for runtime in _RUNTIMES.values():
+        runtime.close()
+    _RUNTIMES.clear()

@@ -9,8 +9,9 @@ Formats (read from sglang ``srt/eplb/expert_distribution.py`` and ``srt/layers/m
   (``ForwardMode`` value: 1 extend, 2 decode, 3 mixed, 4 idle) and ``topk_ids_of_layer``
   (int32 ``[L, tokens, 8]`` *physical* expert ids, -1 where unused, so columns past top-k are -1).
 - ``return_routed_experts`` answers carry ``meta_info["routed_experts"]``: base64 of int32
-  ``[prompt_tokens + completion_tokens - 1, num_hidden_layers, top_k]`` (the last sampled token is
-  never fed back). Layers without experts stay 0 in the capture buffer.
+  ``[prompt_tokens + completion_tokens - 1 - routed_experts_start_len, num_hidden_layers, top_k]``
+  (the last sampled token is never fed back). Layers without experts stay 0 in the capture buffer.
+  (Checked against the sglang 0.5.23 wheel as well.)
 
 Invariant of the per_token importer: SGLang does not record request ids (``rids`` is an upstream
 TODO), so sequences are rebuilt from positions and batch order. A decode row continues the open
@@ -155,13 +156,16 @@ def _assign(sequences: list[_Open], created: list[int], start_pos: int, length: 
 
 def from_sglang_routed_experts(
     responses: Iterable[Mapping[str, Any]], *, num_layers: int, top_k: int, num_experts: int,
-    model: str = "", moe_layers: Sequence[int] | None = None,
+    model: str = "", moe_layers: Sequence[int] | None = None, start_len: int = 0,
 ) -> RouteTrace:
     """Build a trace from ``/generate`` answers (or ``Engine.generate`` results) with routed experts.
 
     Each answer becomes one sequence. ``num_layers`` is the model's ``num_hidden_layers`` and
     ``top_k`` its ``num_experts_per_tok`` (the payload is a flat array). Layers without experts
-    (dense layers, zero-filled) are blanked to -1, as is any layer not in ``moe_layers`` when given.
+    (dense layers, zero-filled) are blanked to -1, as is any layer not in ``moe_layers`` when given;
+    with top-1 routing a zero-filled layer cannot be told from expert 0, so pass ``moe_layers``.
+    ``start_len`` is the ``routed_experts_start_len`` the requests were sent with (rows then start at
+    that position).
     """
     builder = RowBuilder(num_layers=num_layers, top_k=top_k)
     for seq, response in enumerate(responses):
@@ -173,19 +177,20 @@ def from_sglang_routed_experts(
             )
         flat = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype=np.int32)
         prompt, completion = int(meta["prompt_tokens"]), int(meta.get("completion_tokens", 0))
-        expected = prompt + completion - 1
+        expected = prompt + completion - 1 - start_len
         if flat.size != expected * num_layers * top_k:
             raise TraceError(
                 f"sglang importer: answer {seq} holds {flat.size} expert ids, expected (prompt {prompt} + completion "
-                f"{completion} - 1) x {num_layers} layers x top-{top_k} = {expected * num_layers * top_k}; check "
-                f"num_layers/top_k, and do not set routed_experts_start_len"
+                f"{completion} - 1 - start_len {start_len}) x {num_layers} layers x top-{top_k} = "
+                f"{expected * num_layers * top_k}; check num_layers, top_k and start_len"
             )
         experts = blank_unrouted(flat.reshape(expected, num_layers, top_k), moe_layers)
-        positions = np.arange(expected)
+        positions = np.arange(start_len, start_len + expected)
         output_ids = list(response.get("output_ids") or [])
         tokens = None
         if "input_ids" in response and len(output_ids) == completion:
-            tokens = np.asarray((list(response["input_ids"]) + output_ids)[:expected], dtype=np.int64)
+            tokens = np.asarray((list(response["input_ids"]) + output_ids)[start_len:start_len + expected],
+                                dtype=np.int64)
         builder.add(seq=np.full(expected, seq), pos=positions, experts=experts,
                     phase=np.where(positions < prompt, PREFILL, DECODE), token_ids=tokens)
     return builder.build(num_experts=num_experts, model=model, source="sglang return_routed_experts")
