@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import enum
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,14 @@ from tiermem.predict.common import check_context, multi_hot
 
 _HASH = 2654435761  # Knuth's multiplicative hash, spreads token ids over the buckets
 FORMAT = "tiermem.learned-route-predictor/1"
+
+
+class Refit(str, enum.Enum):
+    """What happens once the search run has chosen the step count on held-back tokens."""
+
+    SCRATCH = "scratch"  # retrain from scratch on every token for the step count scaled to the data
+    CONTINUE = "continue"  # keep training the search run's best network on every token (cheaper)
+    NONE = "none"  # keep the search run's best network as it is (cheapest; never saw the held-back tokens)
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,8 @@ class LearnedConfig:
                   "0 = train max_steps steps on everything")
     eval_every: int = option(50, help="optimiser steps between validation checks")
     patience: int = option(5, help="validation checks without improvement that end the search")
-    refit: bool = option(True, help="retrain on every token for the chosen step count (else keep the search "
-                                    "run's best weights, trained without the held-back tokens: half the time)")
+    refit: Refit = option(Refit.SCRATCH, help="how the held-back tokens join in after the step count is chosen: "
+                                              "scratch (retrain on all), continue (train on), none")
     seed: int = option(0, help="seed of initialisation and shuffling")
 
     def __post_init__(self) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from tiermem.errors import TraceError
 from tiermem.predict.common import multi_hot
 from tiermem.predict.contexts import anchor_batches
-from tiermem.predict.learned import Inputs, LearnedConfig, LearnedPredictor, RouteNet, features
+from tiermem.predict.learned import Inputs, LearnedConfig, LearnedPredictor, Refit, RouteNet, features
 from tiermem.predict.registry import PREDICTORS
 from tiermem.predict.trace import RouteTrace
 
@@ -97,13 +97,15 @@ def train(trace: RouteTrace, config: LearnedConfig | None = None) -> LearnedPred
     with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's random state
         if fit and held:
             net, best_step, recall = _search_steps(trace, fit, held, config)
-            steps = max(1, round(best_step * sum(e.count for e in examples) / sum(e.count for e in fit)))
-        if not (fit and held) or config.refit:
-            net = _new_net(trace, config)
-            for _ in _steps(net, examples, steps, config):
-                pass
+            scale = sum(e.count for e in examples) / sum(e.count for e in fit)
+            steps = {Refit.SCRATCH: round(best_step * scale), Refit.CONTINUE: round(best_step * (scale - 1)),
+                     Refit.NONE: 0}[config.refit]
+            if config.refit is Refit.SCRATCH:
+                net = _new_net(trace, config)
         else:
-            steps = best_step
+            net = _new_net(trace, config)
+        for _ in _steps(net, examples, steps, config):
+            pass
     logger.info("train: %d contexts from %d sequences, %d steps (validation recall@%d %.4f), %.1f s",
                 sum(e.count for e in examples), trace.sequence_ids.size, steps, trace.top_k, recall,
                 time.perf_counter() - started)

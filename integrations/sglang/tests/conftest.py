@@ -36,7 +36,8 @@ def expert_weights(num_experts: int = NUM_EXPERTS, seed: int = 0) -> list[dict[s
     ]
 
 
-def entry_outputs(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def entry_outputs(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  weight: torch.Tensor) -> torch.Tensor:
     """One routed entry's output, router-weighted: ``w * down(silu(gate x) * up x)``; rows of ``hidden``."""
     gate, up = (hidden @ gate_up.T).chunk(2, dim=-1)
     return weight[:, None] * ((torch.nn.functional.silu(gate) * up) @ down.T)

@@ -29,7 +29,8 @@ def pager(manager, experts):
                         placement=single_tier("cxl", 1, NUM_EXPERTS))
     for index, tensors in enumerate(experts):
         store.write(LAYER, index, tensors)
-    slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN), "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
+    slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN),
+             "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
     pager = LayerPager(manager=manager, store=store, layer=LAYER, slots=slots)
     pager.fill()
     yield pager

@@ -33,7 +33,8 @@ from sglang.srt.plugins import load_plugins
 load_plugins()
 from sglang.srt.server_args import ServerArgs, prepare_server_args
 
-report = {{"hooked": [hasattr(ServerArgs.add_cli_args, "__wrapped__"), hasattr(ServerArgs.from_cli_args, "__wrapped__")]}}
+report = {{"hooked": [hasattr(ServerArgs.add_cli_args, "__wrapped__"),
+                      hasattr(ServerArgs.from_cli_args, "__wrapped__")]}}
 prepare_server_args(["--model-path", "{MODEL}"])
 report["published_without_flags"] = os.environ.get("{ENV_VAR}")
 for name, (flags, _) in {INCOMPATIBLE!r}.items():

@@ -70,7 +70,9 @@ class LayerPager:
         self.slots = dict(slots)
         layout = store.layout
         if sorted(self.slots) != sorted(layout.names):
-            raise ConfigError(f"expert pager: slot tensors {sorted(self.slots)} differ from the store's {list(layout.names)}")
+            raise ConfigError(
+                f"expert pager: slot tensors {sorted(self.slots)} differ from the store's {list(layout.names)}"
+            )
         counts = {name: tensor.shape[0] for name, tensor in self.slots.items()}
         for spec in layout.tensors:
             row = self.slots[spec.name]

@@ -3,14 +3,15 @@
 SGLang calls ``register()`` in the CLI process and again in every scheduler process (``load_plugins``),
 before any ``ServerArgs`` or model is built. The hooks:
 
-| target                      | type   | installed                        | does                                        |
-|-----------------------------|--------|----------------------------------|---------------------------------------------|
-| ``ServerArgs.add_cli_args`` | AFTER  | always                           | adds ``--expert-tier*``, ``--engram-table-tier`` |
-| ``ServerArgs.from_cli_args``| AROUND | always                           | reads them, refuses incompatible settings, publishes the config |
-| ``FusedMoE.__init__``       | BEFORE | where an offloading config is published (the scheduler processes of a server started with ``--expert-tier dram|cxl``) | tiers routed-expert layers (``hooks.py``) |
+| target                       | type   | installed in                        | does                          |
+|------------------------------|--------|-------------------------------------|-------------------------------|
+| ``ServerArgs.add_cli_args``  | AFTER  | every process                       | adds the flags                |
+| ``ServerArgs.from_cli_args`` | AROUND | every process                       | reads, refuses, publishes     |
+| ``FusedMoE.__init__``        | BEFORE | processes with an offloading config | tiers routed-expert layers    |
 
-Without an offloading config SGLang's MoE layers are not patched at all, and the process never
-imports the MoE stack on tiermem's behalf: ``hooks`` is imported only where it is installed.
+The scheduler processes of a server started with ``--expert-tier dram|cxl`` inherit the published
+config, so they get the third hook (``hooks``). Without an offloading config SGLang's MoE layers are
+not patched, and the process never imports the MoE stack on tiermem's behalf.
 """
 
 from __future__ import annotations
