@@ -145,21 +145,21 @@ def test_a_predictor_returning_the_wrong_shape_is_refused(fused_experts):
     manager.close()
 
 
-def test_link_window_allows_no_prefetch_until_a_layer_is_measured_then_the_idle_bytes():
+def test_link_window_allows_no_prefetch_until_a_lead_is_measured_then_the_free_link_bytes():
     window = LinkWindow(bandwidth_gbps=1.0, fill=0.5, smoothing=1.0)
-    assert window.budget_bytes() == 0
-    window.layer_started(now_s=0.0)
-    window.demanded(1_000_000)  # 1 ms of the 1 GB/s link
-    window.layer_started(now_s=0.003)  # a 3 ms layer leaves 2 ms idle
-    assert window.budget_bytes() == 1_000_000  # half of 2 ms x 1 GB/s
+    assert window.budget_bytes(now_s=0.0) == 0  # decision at 0 ms, nothing measured yet
+    window.layer_started(now_s=0.003)  # the next demand came 3 ms later: the lead
+    window.queued(1_000_000, now_s=0.003)  # its misses: 1 ms of the 1 GB/s link
+    assert window.budget_bytes(now_s=0.003) == 1_000_000  # half of (3 ms lead - 1 ms backlog) x 1 GB/s
 
 
-def test_a_layer_whose_demand_filled_the_link_leaves_no_prefetch_room():
+def test_bytes_still_queued_on_the_link_leave_no_prefetch_room():
     window = LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0)
-    window.layer_started(now_s=0.0)
-    window.demanded(5_000_000)
-    window.layer_started(now_s=0.002)
-    assert window.budget_bytes() == 0
+    window.budget_bytes(now_s=0.0)
+    window.layer_started(now_s=0.002)  # 2 ms lead
+    window.queued(1_500_000, now_s=0.002)  # demand: 1.5 ms
+    window.queued(1_000_000, now_s=0.002)  # an earlier prefetch still queued: 1 ms more
+    assert window.budget_bytes(now_s=0.002) == 0
 
 
 def test_a_layers_misses_are_one_submit_yet_each_lands_exactly(fused_experts):

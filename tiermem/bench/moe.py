@@ -149,12 +149,13 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     predictor = CrossFitted(work.routes, prefetch.distance) if mode == "tiermem" and work.routes is not None else None
     policy = {"all_hbm": "lru", "lru": "lru", "lfu": "lfu", "tiermem": "predicted" if predictor else "lfu"}[mode]
     config = OffloadConfig(resident_fraction=1.0 if mode == "all_hbm" else fraction, policy=policy,
-                           prefetch=prefetch if predictor else PrefetchConfig(distance=0))
+                           prefetch=prefetch if predictor else PrefetchConfig(distance=0), time_host_phases=True)
     runtime = ExpertRuntime(store, config, device=device, top_k=shape.top_k, predictor=predictor)
     hidden = torch.randn(batch, shape.hidden, device=device, dtype=store.layout.tensors[0].dtype)
     weights = torch.full((batch, shape.top_k), 1.0 / shape.top_k, device=device, dtype=hidden.dtype)
     if mode == "all_hbm":
         _warm_all(runtime, store, hidden, weights)
+    runtime.phases.reset()
     _sync(device)
     began = time.perf_counter()
     tokens = 0
@@ -175,7 +176,8 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
                 "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
-                "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes")}}
+                "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes",
+                "host_us_per_layer")}}
 
 
 def simulated_hit_rates(trace: SimTrace, fraction: float, batch: int) -> dict[str, float]:

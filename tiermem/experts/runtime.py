@@ -2,9 +2,9 @@
 
 Per layer: group tokens by expert -> record the routing (tracker, activation counts) -> demand the
 hit experts (misses are fetched now, in one submit per wave, waves if the slot group is too small) ->
-compute each expert on its slot as soon as its own copy has landed -> sum in the reference order
-(``tiermem.experts.compute``) -> predict and prefetch the next layers (host work that overlaps the
-GPU's copies and compute). Output is bit-identical to the all-resident
+predict and prefetch the next layers (queued on the link right behind this layer's misses) -> compute
+each expert on its slot as soon as its own copy has landed -> sum in the reference order
+(``tiermem.experts.compute``). Output is bit-identical to the all-resident
 module. Inference only: slot weights are not parameters and carry no gradients.
 """
 
@@ -25,6 +25,7 @@ from tiermem.experts.routes import RouteTracker
 from tiermem.experts.store import ExpertStore
 from tiermem.predict.base import Predictor
 from tiermem.prefetch.prefetcher import PrefetchConfig, Prefetcher
+from tiermem.prefetch.stats import HostPhases
 from tiermem.residency.policies import EVICTION_POLICIES, PolicySignals
 from tiermem.residency.signals import ActivationCounts, PredictionScores
 from tiermem.residency.slots import SlotLayout, SlotPool, slots_for_fraction
@@ -44,6 +45,7 @@ class OffloadConfig:
                                            "else lru.")
     prefetch: PrefetchConfig = option(PrefetchConfig(), help="Prefetch distance and per-layer budget.")
     lfu_half_life_steps: float | None = option(None, help="Half-life of LFU counts in decode steps; None: never.")
+    time_host_phases: bool = option(False, help="Time each host phase of a layer (stats()['host_us_per_layer']).")
 
     def __post_init__(self) -> None:
         require((self.hbm_budget_bytes is None) != (self.resident_fraction is None), self,
@@ -84,8 +86,9 @@ class ExpertRuntime:
             slot_layout=config.slot_layout, device=device, policy=policy,
             signals=PolicySignals(counts=self.counts, predictions=predictions),
         )
+        self.phases = HostPhases(enabled=config.time_host_phases)
         self.prefetcher = Prefetcher(self.cache, store, store.manager, config=config.prefetch, predictor=predictor,
-                                     predictions=predictions)
+                                     predictions=predictions, phases=self.phases)
         self.tracker = RouteTracker(num_layers=num_layers, num_experts=store.num_experts, top_k=top_k)
         self._closed = False
         log.info("expert runtime: %d slot(s) per group x %d group(s) (%s of HBM), policy %s, prefetch %s",
@@ -100,22 +103,33 @@ class ExpertRuntime:
         if self._closed:
             raise ConfigError("expert runtime: closed (tiermem.offload handle.close() was called); the offloaded "
                               "experts are gone, so the model cannot run anymore")
+        phases = self.phases
+        phases.start()
         index = top_k_index.to("cpu")  # the one synchronisation per layer: which experts were hit
+        phases.lap("route_sync")
         routing = route(index, self.store.num_experts, hidden.device)
         context, tick = self.tracker.record(self.store.position(layer), index.numpy())
         keys = {expert: self.store.key(layer, expert) for expert in routing.experts}
+        phases.lap("route")
         for expert, key in keys.items():
             self.counts.record(key, tick, float(routing.uses(expert)))
+        phases.lap("stats")
         by_key = {key: expert for expert, key in keys.items()}
         outputs: dict[int, torch.Tensor] = {}
+        prefetched = False
         for wave in self.prefetcher.demand(list(keys.values()), tick):
+            if not prefetched:
+                # the next layers' prefetch queues on the link right behind this layer's misses, so it
+                # moves while the host launches this layer's compute, not when the next layer's misses come
+                self.prefetcher.prefetch(context, tick, needed_now=frozenset(by_key))
+                prefetched = True
             for key in wave:
                 weights = self.store.layout.views(self.prefetcher.ready(key))
                 expert = by_key[key]
                 outputs[expert] = expert_output(hidden, routing, expert, weights, top_k_weights, act_fn, hidden.dtype)
         combined = combine(hidden, routing, outputs)
-        # prediction and prefetch run on the host while the GPU copies this layer's misses and computes
-        self.prefetcher.prefetch(context, tick)
+        phases.lap("compute")
+        phases.layer_done()
         return combined
 
     def stats(self) -> dict[str, Any]:
@@ -123,6 +137,7 @@ class ExpertRuntime:
         counters = self.prefetcher.collect_stats().as_dict()
         return {
             **counters,
+            "host_us_per_layer": self.phases.us_per_layer(),
             "policy": self.cache.policy_name,
             "slots_per_group": self.cache.pool.slots_per_group,
             "slot_groups": self.cache.num_groups,

@@ -69,7 +69,7 @@ class LearnedConfig:
                   "0 = train max_steps steps on everything")
     eval_every: int = option(50, help="optimiser steps between validation checks")
     patience: int = option(5, help="validation checks without improvement that end the search")
-    refit: Refit = option(Refit.SCRATCH, help="how the held-back tokens join in after the step count is chosen: "
+    refit: Refit = option(Refit.CONTINUE, help="how the held-back tokens join in after the step count is chosen: "
                                               "scratch (retrain on all), continue (train on), none")
     seed: int = option(0, help="seed of initialisation and shuffling")
 

@@ -5,10 +5,12 @@ Invariants:
   model learns from exactly what it will see when serving, with no access to the future.
 - Only the sequences of the given trace are used; the caller holds test sequences out (the CLI splits
   by seq_id) and the saved model records its training sequences.
-- How long to train is chosen on the training data alone: a first run fits on all but the last
+- How long to train is chosen on the training data alone: a search run fits on all but the last
   ``validation_fraction`` of each training sequence's tokens and checks the recall at k of those
-  tokens every ``eval_every`` steps; the final model is then trained from scratch on every token for
-  the best step count (scaled to the larger data). So one setting suits traces of any size.
+  tokens every ``eval_every`` steps, keeping its best network. The held-back tokens then join in as
+  ``config.refit`` says: ``continue`` trains the best network on every token for the share of steps
+  they add (the default: about 1.4x the search's cost in all), ``scratch`` retrains on every token
+  for the scaled step count, ``none`` keeps the best network. So one setting suits traces of any size.
 - Training is seeded and runs on CPU: the same trace and config give the same weights.
 """
 
@@ -93,7 +95,7 @@ def train(trace: RouteTrace, config: LearnedConfig | None = None) -> LearnedPred
     examples = training_examples(trace, config)
     fit = [e.subset(~e.held) for e in examples if (~e.held).any()]
     held = [e.subset(e.held) for e in examples if e.held.any()]
-    steps, recall = config.max_steps, float("nan")
+    steps, best_step, recall = config.max_steps, 0, float("nan")
     with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's random state
         if fit and held:
             net, best_step, recall = _search_steps(trace, fit, held, config)
@@ -106,8 +108,9 @@ def train(trace: RouteTrace, config: LearnedConfig | None = None) -> LearnedPred
             net = _new_net(trace, config)
         for _ in _steps(net, examples, steps, config):
             pass
-    logger.info("train: %d contexts from %d sequences, %d steps (validation recall@%d %.4f), %.1f s",
-                sum(e.count for e in examples), trace.sequence_ids.size, steps, trace.top_k, recall,
+    logger.info("train: %d contexts from %d sequences; search: best validation recall@%d %.4f at step %d; "
+                "then %d steps on every token (refit %s); %.1f s", sum(e.count for e in examples),
+                trace.sequence_ids.size, trace.top_k, recall, best_step, steps, config.refit.value,
                 time.perf_counter() - started)
     return LearnedPredictor(net.eval(), layer_ids=tuple(int(i) for i in trace.layer_ids), model=trace.model,
                             train_sequences=tuple(int(s) for s in trace.sequence_ids))

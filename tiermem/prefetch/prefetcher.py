@@ -29,10 +29,11 @@ Design note. One object (an expert) moves through these states::
 - Demand goes first: the prefetch copies of a layer wait for that layer's demand copies, so they
   share the link only with compute and with the next layer's CPU work, not with this layer's misses;
   they run on the engine's background streams, so the next layer's demand never queues behind them.
-- Prefetch is transfer-aware: one layer may prefetch only the bytes the link can move in the idle
-  time a layer leaves it (``LinkWindow``: measured layer interval minus its demand copy time, times
-  ``link_fill``), and only objects whose expected uses exceed ``min_score``. A prefetch that does not
-  fit is not issued: its bytes would delay a demand on a link that is already the bottleneck.
+- Prefetch never delays demand: it is queued right after the layer's misses (so it moves while the
+  host launches compute), and one layer may prefetch only the bytes that can finish before the next
+  layer's demand (``LinkWindow``: measured host time from a prefetch decision to the next demand,
+  minus the link time of every byte already queued, times ``link_fill``); it evicts only objects
+  predicted lower than what it loads, and loads only objects whose expected uses exceed ``min_score``.
 - A demanded object that is absent is a miss: it is fetched now (a "synchronous" fetch: the compute
   stream waits for it) and counted. A demanded object in flight is a hit that may stall; the time
   the compute stream waited is measured with timing events around the wait (GPU) or the wall clock
@@ -57,7 +58,7 @@ from tiermem.errors import ConfigError
 from tiermem.manager import TierManager
 from tiermem.predict.base import Predictor, RouteContext
 from tiermem.prefetch.planner import PrefetchBudget, plan_demand, plan_prefetch
-from tiermem.prefetch.stats import PrefetchStats
+from tiermem.prefetch.stats import HostPhases, PrefetchStats
 from tiermem.prefetch.window import LinkWindow
 from tiermem.residency.directory import DirectorySnapshot
 from tiermem.residency.signals import PredictionScores
@@ -75,8 +76,8 @@ class PrefetchConfig:
     objects_per_layer: int = option(4, help="Most objects one prefetch may load into one target layer.")
     min_score: float = option(0.0, help="Load only objects whose summed predicted score (expected uses in the "
                                         "batch) is above this.")
-    link_fill: float | None = option(0.8, help="Share of a layer's measured idle link time prefetch may fill; "
-                                               "None: no link cap (objects_per_layer alone).")
+    link_fill: float | None = option(0.8, help="Share of the link time left before the next layer's demand that "
+                                               "prefetch may fill; None: no link cap (objects_per_layer alone).")
     link_gbps: float | None = option(None, help="Host-to-HBM bandwidth for the link cap; None: the source tier's "
                                                 "link profile.", unit="GB/s")
 
@@ -126,6 +127,7 @@ class Prefetcher:
     def __init__(
         self, cache: SlotCache, homes: Homes, manager: TierManager, *, config: PrefetchConfig = PrefetchConfig(),
         predictor: Predictor | None = None, predictions: PredictionScores | None = None,
+        phases: HostPhases | None = None,
     ) -> None:
         self.cache = cache
         self.homes = homes
@@ -134,6 +136,7 @@ class Prefetcher:
         self.predictor = predictor
         self.predictions = predictions
         self.stats = PrefetchStats()
+        self.phases = phases or HostPhases(enabled=False)
         self._loads: dict[ObjectKey, TransferHandle] = {}
         self._unused_prefetches: set[ObjectKey] = set()
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -145,6 +148,8 @@ class Prefetcher:
         self._last_use: dict[ObjectKey, torch.cuda.Event] = {}  # key -> event after its last queued use
         self._slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after which it may be overwritten
         self._layer_demands: list[TransferHandle] = []
+        self._position_keys: dict[int, tuple[ObjectKey, ...]] = {}  # MoE layer position -> its objects' keys
+        self._index_of: dict[ObjectKey, int] = {}  # key -> its index in its layer's keys
         first = homes.key_at(0, 0)
         self._object_bytes = int(homes.home(first).numel())
         link_gbps = config.link_gbps or manager.tier(homes.tier_of(first)).link.bandwidth_gbps
@@ -174,6 +179,7 @@ class Prefetcher:
             self.cache.pin(key)
             self.cache.touch(key, tick)
             wave.append(key)
+        self.phases.lap("demand_plan")
         first = True
         while pending or first:
             try:
@@ -213,7 +219,7 @@ class Prefetcher:
         return self.cache.block(key)
 
     # ---- prefetch --------------------------------------------------------------------------
-    def prefetch(self, context: RouteContext, tick: int) -> int:
+    def prefetch(self, context: RouteContext, tick: int, needed_now: frozenset[ObjectKey] = frozenset()) -> int:
         """Predict the ``distance`` layers after ``context.layer``, publish the scores (for the ``predicted``
         eviction policy) and load the best within budget; returns the loads issued."""
         distance = self.config.distance
@@ -222,6 +228,7 @@ class Prefetcher:
         self._reap()
         num_layers = len(self.homes.layers)
         scores = np.asarray(self.predictor.predict(context, distance))
+        self.phases.lap("predict")
         expected = (distance, context.batch_size, context.num_experts)
         if scores.shape != expected:
             raise ConfigError(
@@ -230,28 +237,43 @@ class Prefetcher:
             )
         issued = 0
         for d in range(1, distance + 1):
-            position = (context.layer + d) % num_layers
+            keys = self._keys_at((context.layer + d) % num_layers, context.num_experts)
             per_object = scores[d - 1].sum(axis=0)
-            wanted = {self.homes.key_at(position, i): float(s) for i, s in enumerate(per_object)}
             if self.predictions is not None:
-                self.predictions.update(wanted)
+                self.predictions.update(dict(zip(keys, per_object.tolist())))
             if self.config.objects_per_layer > 0:
-                issued += self._apply_prefetch(wanted, tick)
+                issued += self._apply_prefetch(keys, per_object, tick, needed_now)
         return issued
 
-    def _apply_prefetch(self, wanted: Mapping[ObjectKey, float], tick: int) -> int:
-        group = self.cache.group_of(next(iter(wanted)))
+    def _apply_prefetch(self, keys: tuple[ObjectKey, ...], per_object: np.ndarray, tick: int,
+                        needed_now: frozenset[ObjectKey]) -> int:
+        """Plan and issue one target layer's prefetch; ``keys[i]`` is scored ``per_object[i]``."""
+        group = self.cache.group_of(keys[0])
         max_bytes = self.config.objects_per_layer * self._object_bytes
         if self.window is not None:
             link_bytes = self.window.budget_bytes()
             self.stats.prefetch_capped += link_bytes < max_bytes
             max_bytes = min(max_bytes, link_bytes)
         budget = PrefetchBudget(max_bytes=max_bytes, object_bytes=self._object_bytes, min_score=self.config.min_score)
-        plan = plan_prefetch(
-            wanted, self.cache.order(group), self.cache.in_flight(group), self.cache.snapshot().pinned,
-            self.cache.free_slots(group), budget,
-        )
+        if budget.max_objects == 0:
+            self.phases.lap("prefetch_plan")
+            return 0
+        order, in_flight = self.cache.order(group), self.cache.in_flight(group)
+        # the planner sees the best absent candidates and the group's resident keys (its possible victims),
+        # not the whole layer: ranking in numpy keeps the host cost flat in the number of experts
+        index_of = self._index_of
+        eligible = per_object > budget.min_score
+        eligible[[index_of[k] for k in order if k in index_of]] = False
+        eligible[[index_of[k] for k in in_flight if k in index_of]] = False
+        candidates = np.flatnonzero(eligible)
+        best = candidates[np.argsort(-per_object[candidates], kind="stable")[: budget.max_objects]]
+        values = per_object.tolist()
+        scores = {keys[i]: values[i] for i in best.tolist()}
+        scores.update((k, values[index_of[k]]) for k in order if k in index_of)
+        plan = plan_prefetch(scores, order, in_flight, self.cache.snapshot().pinned, self.cache.free_slots(group),
+                             budget, needed_now)
         if not plan.loads:
+            self.phases.lap("prefetch_plan")
             return 0
         if self._cuda:
             for handle in self._layer_demands:  # demand first: prefetches start once this layer's misses landed
@@ -259,7 +281,9 @@ class Prefetcher:
             self._layer_demands.clear()
         for key in plan.evictions:
             self._evict(key)
+        self.phases.lap("prefetch_plan")
         self._issue(plan.loads, tick, prefetch=True)
+        self.phases.lap("prefetch_submit")
         return len(plan.loads)
 
     # ---- accounting ------------------------------------------------------------------------
@@ -283,6 +307,14 @@ class Prefetcher:
             self._land(key)
 
     # ---- internals -------------------------------------------------------------------------
+    def _keys_at(self, position: int, count: int) -> tuple[ObjectKey, ...]:
+        """The keys of the ``count`` objects of MoE layer ``position``, built once."""
+        keys = self._position_keys.get(position)
+        if keys is None:
+            keys = self._position_keys[position] = tuple(self.homes.key_at(position, i) for i in range(count))
+            self._index_of.update((key, i) for i, key in enumerate(keys))
+        return keys
+
     def _fetch_some(self, wave: list[ObjectKey], pending: list[ObjectKey], tick: int) -> list[ObjectKey]:
         """Fetch as many ``pending`` keys as the group has room for (evicting by policy); returns the rest."""
         group = self.cache.group_of(pending[0])
@@ -304,8 +336,10 @@ class Prefetcher:
         plan = plan_demand(chunk, order, self.cache.in_flight(group), snapshot.pinned, self.cache.free_slots(group))
         for key in plan.evictions:
             self._evict(key)
+        self.phases.lap("demand_plan")
         if plan.loads:
             self._issue(plan.loads, tick, prefetch=False)
+        self.phases.lap("demand_submit")
         for key in plan.loads:
             self.cache.pin(key)
             self.cache.touch(key, tick)
@@ -338,6 +372,8 @@ class Prefetcher:
             self._loads[key] = handle.part(index)
             self.stats.bytes_by_tier[self.homes.tier_of(key)] += nbytes
         total = nbytes * len(keys)
+        if self.window is not None:
+            self.window.queued(total)
         if prefetch:
             self.stats.prefetch_loads += len(keys)
             self.stats.prefetch_bytes += total
@@ -345,8 +381,6 @@ class Prefetcher:
         else:
             self._layer_demands.append(handle)
             self.stats.demand_bytes += total
-            if self.window is not None:
-                self.window.demanded(total)
 
     def _submit(self, keys: Sequence[ObjectKey], pairs: list[tuple[torch.Tensor, torch.Tensor]],
                 prefetch: bool) -> TransferHandle:

@@ -1,7 +1,8 @@
-"""Counters of a prefetcher: demands, hits, misses, prefetch use and bytes moved; rates are derived."""
+"""Counters of a prefetcher (demands, hits, misses, prefetch use, bytes moved; rates derived) and host phase timing."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -43,3 +44,42 @@ class PrefetchStats:
         counts = {k: v for k, v in self.__dict__.items() if k != "bytes_by_tier"}
         return {**counts, "bytes_by_tier": dict(self.bytes_by_tier), "hit_rate": self.hit_rate,
                 "prefetch_precision": self.prefetch_precision, "prefetch_recall": self.prefetch_recall}
+
+
+class HostPhases:
+    """Host time per phase of a layer (``perf_counter_ns`` laps), for finding what bounds a host-bound step.
+
+    ``start()`` opens a lap at the layer's start; ``lap(phase)`` charges the time since the previous
+    mark to ``phase``; ``layer_done()`` counts one layer. Disabled, every call returns at once.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.layers = 0
+        self._ns: Counter = Counter()
+        self._mark_ns = 0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._mark_ns = time.perf_counter_ns()
+
+    def lap(self, phase: str) -> None:
+        if self.enabled:
+            now = time.perf_counter_ns()
+            self._ns[phase] += now - self._mark_ns
+            self._mark_ns = now
+
+    def layer_done(self) -> None:
+        if self.enabled:
+            self.layers += 1
+
+    def us_per_layer(self) -> dict[str, float]:
+        """Mean microseconds per layer of each phase, and their ``total``; empty while disabled."""
+        if not self.layers:
+            return {}
+        out = {phase: ns / self.layers / 1e3 for phase, ns in self._ns.items()}
+        return {**out, "total": sum(out.values())}
+
+    def reset(self) -> None:
+        self.layers = 0
+        self._ns.clear()
