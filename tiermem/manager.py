@@ -23,7 +23,7 @@ from tiermem.defaults import default_tier_specs
 from tiermem.errors import ConfigError, OwnershipError, RegistryError
 from tiermem.tiers import TIERS, Block, BuildContext, Tier
 from tiermem.topology import discover
-from tiermem.transfer import Copy, TransferConfig, TransferEngine, TransferHandle, make_plan
+from tiermem.transfer import Copy, TransferConfig, TransferEngine, TransferHandle, TransferPlan, make_plan
 
 log = logging.getLogger("tiermem.manager")
 
@@ -154,13 +154,17 @@ class TierManager:
         tier, block = self.block_of(tensor)
         tier.free(block)
 
-    def copy(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> TransferHandle:
-        """Start copying each ``(src, dst)``; tier I/O hooks (sim, faulty) are applied."""
+    def plan(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> TransferPlan:
+        """A validated plan copying each ``(src, dst)``, carrying the I/O hooks of the tiers involved."""
         copies = []
         for src, dst in pairs:
             hooks = tuple(t.on_io for t in (self.tier_of(src), self.tier_of(dst)) if t is not None and t.io_hooked)
             copies.append(Copy(src, dst, hooks))
-        return self.engine.submit(make_plan(copies))
+        return make_plan(copies)
+
+    def copy(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, background: bool = False) -> TransferHandle:
+        """Start copying each ``(src, dst)`` (``background``: on the engine's background streams)."""
+        return self.engine.submit(self.plan(pairs), background=background)
 
     def to(self, tensor: torch.Tensor, tier: str) -> torch.Tensor:
         """A copy of ``tensor`` on ``tier`` (blocking); the source is left as it is."""

@@ -28,7 +28,7 @@ from tiermem.bench.method import Clock, Method, measure
 from tiermem.bench.results import Cell, bandwidth_cell
 from tiermem.config import format_bytes
 from tiermem.errors import ConfigError, TopologyError
-from tiermem.transfer import Copy, TransferConfig, TransferEngine, TransferHandle, make_plan
+from tiermem.transfer import TransferConfig, TransferEngine, TransferHandle
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -232,13 +232,7 @@ class CopyRunner:
             self._engines[key] = TransferEngine(config)
         engine = self._engines[key]
 
-        def submit(pairs: list[Pair]) -> TransferHandle:  # TierManager.copy's plan, on this engine
-            tiers = [(manager.tier_of(src), manager.tier_of(dst)) for src, dst in pairs]
-            return engine.submit(make_plan(
-                Copy(src, dst, tuple(t.on_io for t in ends if t is not None and t.io_hooked))
-                for (src, dst), ends in zip(pairs, tiers)
-            ))
-        return submit
+        return lambda pairs: engine.submit(manager.plan(pairs))  # TierManager.copy's plan, on this engine
 
 
 class TorchCopies:
