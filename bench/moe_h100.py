@@ -4,12 +4,13 @@ Run from the repository root with the shared traces copied to ``.traces/``::
 
     PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe           # full suite (acceptance set first)
     PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --quick   # a 1-minute smoke run
-    PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --only qwen3-30b-a3b@qwen   # one workload
+    PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --only qwen3-30b-a3b@qwen   # chosen workloads
 
 Each workload writes ``<out>/<workload>/moe.jsonl`` (one JSON line per run, summary and workload
 header with the raw pinned copy bandwidth measured in the same process). Workloads after the time
 guard are skipped and listed in ``<out>/skipped.json``. The last thing printed is one summary table
-over every workload (tokens/s against LRU, gap closed, transfer efficiency, overlap ratios).
+over every workload (tokens/s against LRU, gap closed, transfer efficiency, overlap ratios), after
+a table of host time per layer by phase for every run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import logging
 import sys
 import time
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
 
 from tiermem.bench.moe import PREFETCH_MIN_SCORE, print_summary, print_table, run_suite
 
@@ -35,6 +39,22 @@ FULL = (
 QUICK = (("qwen3-30b-a3b@qwen", (0.25,), (1, 8), 24),)
 
 
+PHASES = ("route_sync", "route", "stats", "demand_plan", "demand_submit", "predict", "prefetch_plan",
+          "prefetch_submit", "compute", "total")
+
+
+def print_host_phases(records: list[dict]) -> None:
+    """Host microseconds per layer by phase, one row per run: where a host-bound step spends its time."""
+    table = Table(title="host us per layer, by phase (route_sync includes waiting for the GPU)")
+    for column in ("workload", "batch", "fraction", "mode", *PHASES):
+        table.add_column(column)
+    for r in (r for r in records if r["kind"] == "run" and r.get("host_us_per_layer")):
+        phases = r["host_us_per_layer"]
+        table.add_row(r["workload"][:22], str(r["batch"]), f"{r['fraction']:.2f}", r["mode"],
+                      *(f"{phases[p]:.0f}" if p in phases else "-" for p in PHASES))
+    Console(width=200).print(table)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
@@ -43,13 +63,14 @@ def main() -> int:
     parser.add_argument("--prefetch-distance", type=int, default=1)
     parser.add_argument("--prefetch-experts", type=int, default=2)
     parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE)
-    parser.add_argument("--only", choices=[w for w, *_ in FULL], help="run just this workload of the full suite")
+    parser.add_argument("--only", nargs="+", choices=[w for w, *_ in FULL],
+                        help="run just these workloads of the full suite")
     options = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(options.out)
     began = time.perf_counter()
     skipped = []
-    suite = QUICK if options.quick else tuple(w for w in FULL if options.only in (None, w[0]))
+    suite = QUICK if options.quick else tuple(w for w in FULL if options.only is None or w[0] in options.only)
     records = []
     for workload, fractions, batches, max_steps in suite:
         if time.perf_counter() - began > TIME_GUARD_S:
@@ -66,6 +87,7 @@ def main() -> int:
         print_table(done)
         records += done
         print(f"{workload}: done at {time.perf_counter() - began:.0f} s", flush=True)
+    print_host_phases(records)
     print_summary(records)
     (out / "skipped.json").write_text(json.dumps({"skipped": skipped, "elapsed_s": time.perf_counter() - began}))
     return 0

@@ -10,6 +10,7 @@ from torch import nn
 
 from tiermem.errors import CapacityError, ConfigError
 from tiermem.experts import OffloadedMoE, offload
+from tiermem.experts.compute import route
 from tiermem.predict.base import RouteContext
 
 from .conftest import HIDDEN, NUM_EXPERTS, TOP_K, FusedExperts
@@ -155,3 +156,17 @@ def test_offloaded_transformers_model_gives_the_same_logits(arch):
     assert torch.equal(expected, got)
     assert len(handle.blocks) == 2  # DeepSeek-V3: its first layer is dense (first_k_dense_replace=1)
     handle.close()
+
+
+def test_route_groups_tokens_exactly_as_torch_where_on_the_reference_mask():
+    num_tokens, top_k, num_experts = 37, 4, 9
+    index = torch.randint(0, num_experts, (num_tokens, top_k), generator=torch.Generator().manual_seed(3))
+    index[5, 2] = -1  # a dropped slot is skipped, as the reference's one-hot mask skips it
+    routing = route(index, num_experts, torch.device("cpu"))
+    mask = index.t()
+    expected = [e for e in range(num_experts) if (mask == e).any()]
+    assert list(routing.experts) == expected
+    for expert in expected:
+        top_k_pos, token_idx = torch.where(mask == expert)
+        assert torch.equal(routing.token_idx[expert], token_idx)
+        assert torch.equal(routing.top_k_pos[expert], top_k_pos)

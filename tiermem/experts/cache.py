@@ -80,6 +80,10 @@ class ExpertCache:
     def snapshot(self) -> DirectorySnapshot:
         return self.directory.snapshot()
 
+    def pinned(self) -> frozenset[ObjectKey]:
+        """Keys that may not be evicted (pinned or in flight), without copying the whole directory."""
+        return self.directory.pinned_keys()
+
     def order(self, group: int) -> list[ObjectKey]:
         """The group's resident keys, first to evict first (pinned ones included; planners skip them)."""
         return eviction_order((self.entries[k] for k in self._resident[group]), self.policy)

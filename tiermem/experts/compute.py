@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,21 +33,24 @@ class Routing:
 def route(top_k_index: torch.Tensor, num_experts: int, device: torch.device) -> Routing:
     """Group tokens by expert from the routing ``[T, K]`` (on any device); indices end up on ``device``.
 
-    The grouping runs on the CPU (one small device-to-host copy of the routing, then one host-to-device
-    copy of all indices) instead of one ``nonzero`` synchronisation per expert; the indices, and
-    their order, are exactly those ``torch.where`` gives the reference on the one-hot mask.
+    The grouping runs in numpy on the host (one small device-to-host copy of the routing, one stable
+    sort, then one host-to-device copy of all indices) instead of one ``nonzero`` per expert; the
+    indices, and their order, are exactly those ``torch.where`` gives the reference on the one-hot
+    mask: top-k position major, then token, ascending.
     """
-    by_position = top_k_index.to("cpu").t()  # [K, T]: top-k position major, as the reference's mask
-    experts = tuple(e for e in torch.unique(by_position).tolist() if 0 <= e < num_experts)
-    groups = [torch.where(by_position == e) for e in experts]
-    sizes = [int(tokens.numel()) for _, tokens in groups]
-    if not experts:
+    index = top_k_index.to("cpu").numpy()
+    num_tokens = index.shape[0]
+    flat = np.ascontiguousarray(index.T).reshape(-1)  # [K * T]: position-major, as the reference's mask
+    order = np.argsort(flat, kind="stable")  # by expert; within one, ascending (position, token)
+    order = order[(flat[order] >= 0) & (flat[order] < num_experts)]
+    if not len(order):
         return Routing((), {}, {})
-    packed = torch.cat([torch.stack((tokens, pos)) for pos, tokens in groups], dim=1).to(device)
+    experts, counts = np.unique(flat[order], return_counts=True)
+    packed = torch.from_numpy(np.stack((order % num_tokens, order // num_tokens))).to(device)
     token_idx, top_k_pos = {}, {}
-    for expert, rows in zip(experts, packed.split(sizes, dim=1)):
+    for expert, rows in zip(experts.tolist(), packed.split(counts.tolist(), dim=1)):
         token_idx[expert], top_k_pos[expert] = rows[0], rows[1]
-    return Routing(experts, token_idx, top_k_pos)
+    return Routing(tuple(experts.tolist()), token_idx, top_k_pos)
 
 
 def expert_output(

@@ -127,6 +127,7 @@ class ExpertRuntime:
                 weights = self.store.layout.views(self.prefetcher.ready(key))
                 expert = by_key[key]
                 outputs[expert] = expert_output(hidden, routing, expert, weights, top_k_weights, act_fn, hidden.dtype)
+            phases.lap("compute")
         combined = combine(hidden, routing, outputs)
         phases.lap("compute")
         phases.layer_done()

@@ -60,7 +60,6 @@ from tiermem.predict.base import Predictor, RouteContext
 from tiermem.prefetch.planner import PrefetchBudget, plan_demand, plan_prefetch
 from tiermem.prefetch.stats import HostPhases, PrefetchStats
 from tiermem.prefetch.window import LinkWindow
-from tiermem.residency.directory import DirectorySnapshot
 from tiermem.residency.signals import PredictionScores
 from tiermem.transfer import Copy, TransferHandle, make_plan
 from tiermem.types import ObjectKey
@@ -99,7 +98,7 @@ class SlotCache(Protocol):
     def order(self, group: int) -> list[ObjectKey]: ...
     def in_flight(self, group: int) -> frozenset[ObjectKey]: ...
     def free_slots(self, group: int) -> int: ...
-    def snapshot(self) -> DirectorySnapshot: ...
+    def pinned(self) -> frozenset[ObjectKey]: ...
     def slot_of(self, key: ObjectKey) -> int: ...
     def block(self, key: ObjectKey) -> torch.Tensor: ...
     def begin_load(self, key: ObjectKey, tick: int) -> torch.Tensor: ...
@@ -270,7 +269,7 @@ class Prefetcher:
         values = per_object.tolist()
         scores = {keys[i]: values[i] for i in best.tolist()}
         scores.update((k, values[index_of[k]]) for k in order if k in index_of)
-        plan = plan_prefetch(scores, order, in_flight, self.cache.snapshot().pinned, self.cache.free_slots(group),
+        plan = plan_prefetch(scores, order, in_flight, self.cache.pinned(), self.cache.free_slots(group),
                              budget, needed_now)
         if not plan.loads:
             self.phases.lap("prefetch_plan")
@@ -318,13 +317,12 @@ class Prefetcher:
     def _fetch_some(self, wave: list[ObjectKey], pending: list[ObjectKey], tick: int) -> list[ObjectKey]:
         """Fetch as many ``pending`` keys as the group has room for (evicting by policy); returns the rest."""
         group = self.cache.group_of(pending[0])
-        snapshot = self.cache.snapshot()
-        order = self.cache.order(group)
-        room = self.cache.free_slots(group) + sum(1 for k in order if k not in snapshot.pinned)
+        pinned, order = self.cache.pinned(), self.cache.order(group)
+        room = self.cache.free_slots(group) + sum(1 for k in order if k not in pinned)
         if room == 0 and not wave:
             self._wait_group(group)  # only prefetches in flight hold the group's slots: let them land
-            snapshot, order = self.cache.snapshot(), self.cache.order(group)
-            room = self.cache.free_slots(group) + sum(1 for k in order if k not in snapshot.pinned)
+            pinned, order = self.cache.pinned(), self.cache.order(group)
+            room = self.cache.free_slots(group) + sum(1 for k in order if k not in pinned)
             if room == 0:
                 raise ConfigError(
                     f"prefetch: slot group {group} has no slot that is free or evictable (all pinned); "
@@ -333,7 +331,7 @@ class Prefetcher:
         if room == 0:
             return pending
         chunk, rest = pending[:room], pending[room:]
-        plan = plan_demand(chunk, order, self.cache.in_flight(group), snapshot.pinned, self.cache.free_slots(group))
+        plan = plan_demand(chunk, order, self.cache.in_flight(group), pinned, self.cache.free_slots(group))
         for key in plan.evictions:
             self._evict(key)
         self.phases.lap("demand_plan")
