@@ -25,3 +25,7 @@ def test_bench_moe_replays_a_trace_and_reports_every_mode(tmp_path):
     summaries = [r for r in records if r["kind"] == "summary"]
     assert all(r["sim_belady"] >= r["sim_lru"] for r in summaries)
     assert all(r["tokens_per_s_vs_lru"] > 0 and "gap_closed" in r for r in summaries)
+    phases = [r["host_us_per_layer"] for r in runs]
+    assert all({"route_sync", "route", "compute", "total"} <= set(p) for p in phases)
+    assert all(abs(p["total"] - sum(v for k, v in p.items() if k != "total")) < 1e-6 * p["total"] for p in phases)
+    assert all("demand_submit" in r["host_us_per_layer"] for r in offloaded)

@@ -83,6 +83,8 @@ class FirstExperts:
     ({"resident_fraction": 0.34, "policy": "lru"}, None),
     ({"resident_fraction": 0.5, "policy": "lfu", "slot_layout": "shared"}, None),
     ({"resident_fraction": 0.34, "prefetch": {"distance": 1, "objects_per_layer": 1}}, FirstExperts()),
+    ({"resident_fraction": 0.5, "slot_layout": "shared", "prefetch": {"distance": 1, "objects_per_layer": 2}},
+     FirstExperts()),
 ])
 def test_offloaded_moe_is_bit_identical_to_the_resident_module(config, predictor):
     torch.manual_seed(0)

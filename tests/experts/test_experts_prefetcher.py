@@ -12,6 +12,7 @@ from tiermem.experts.store import ExpertStore
 from tiermem.manager import TierManager
 from tiermem.predict.base import RouteContext
 from tiermem.prefetch.prefetcher import PrefetchConfig, Prefetcher
+from tiermem.prefetch.stats import HostPhases
 from tiermem.prefetch.window import LinkWindow
 from tiermem.residency.policies import PolicySignals
 from tiermem.residency.signals import ActivationCounts, PredictionScores
@@ -160,6 +161,20 @@ def test_bytes_still_queued_on_the_link_leave_no_prefetch_room():
     window.queued(1_500_000, now_s=0.002)  # demand: 1.5 ms
     window.queued(1_000_000, now_s=0.002)  # an earlier prefetch still queued: 1 ms more
     assert window.budget_bytes(now_s=0.002) == 0
+
+
+def test_host_phases_report_the_mean_laps_per_layer_and_nothing_while_disabled():
+    off, on = HostPhases(enabled=False), HostPhases(enabled=True)
+    for phases in (off, on):
+        for _ in range(2):
+            phases.start()
+            phases.lap("route")
+            phases.lap("compute")
+            phases.layer_done()
+    assert off.us_per_layer() == {}
+    report = on.us_per_layer()
+    assert set(report) == {"route", "compute", "total"}
+    assert report["total"] == pytest.approx(report["route"] + report["compute"])
 
 
 def test_a_layers_misses_are_one_submit_yet_each_lands_exactly(fused_experts):

@@ -175,9 +175,9 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     return {"mode": mode, "policy": policy, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
-                "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used", "prefetch_capped",
-                "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes",
-                "host_us_per_layer")}}
+                "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
+                "prefetch_capped", "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes",
+                "demand_bytes", "host_us_per_layer")}}
 
 
 def simulated_hit_rates(trace: SimTrace, fraction: float, batch: int) -> dict[str, float]:

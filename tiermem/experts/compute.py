@@ -45,12 +45,10 @@ def route(top_k_index: torch.Tensor, num_experts: int, device: torch.device) -> 
     order = order[(flat[order] >= 0) & (flat[order] < num_experts)]
     if not len(order):
         return Routing((), {}, {})
-    experts, counts = np.unique(flat[order], return_counts=True)
-    packed = torch.from_numpy(np.stack((order % num_tokens, order // num_tokens))).to(device)
-    token_idx, top_k_pos = {}, {}
-    for expert, rows in zip(experts.tolist(), packed.split(counts.tolist(), dim=1)):
-        token_idx[expert], top_k_pos[expert] = rows[0], rows[1]
-    return Routing(tuple(experts.tolist()), token_idx, top_k_pos)
+    ids, sizes = np.unique(flat[order], return_counts=True)
+    tokens, positions = torch.from_numpy(np.stack((order % num_tokens, order // num_tokens))).to(device)
+    experts, counts = tuple(ids.tolist()), sizes.tolist()
+    return Routing(experts, dict(zip(experts, tokens.split(counts))), dict(zip(experts, positions.split(counts))))
 
 
 def expert_output(

@@ -89,6 +89,7 @@ class ExpertRuntime:
         self.phases = HostPhases(enabled=config.time_host_phases)
         self.prefetcher = Prefetcher(self.cache, store, store.manager, config=config.prefetch, predictor=predictor,
                                      predictions=predictions, phases=self.phases)
+        self._keys = {layer: tuple(store.key(layer, e) for e in range(store.num_experts)) for layer in store.layers}
         self.tracker = RouteTracker(num_layers=num_layers, num_experts=store.num_experts, top_k=top_k)
         self._closed = False
         log.info("expert runtime: %d slot(s) per group x %d group(s) (%s of HBM), policy %s, prefetch %s",
@@ -109,7 +110,8 @@ class ExpertRuntime:
         phases.lap("route_sync")
         routing = route(index, self.store.num_experts, hidden.device)
         context, tick = self.tracker.record(self.store.position(layer), index.numpy())
-        keys = {expert: self.store.key(layer, expert) for expert in routing.experts}
+        layer_keys = self._keys[layer]
+        keys = {expert: layer_keys[expert] for expert in routing.experts}
         phases.lap("route")
         for expert, key in keys.items():
             self.counts.record(key, tick, float(routing.uses(expert)))

@@ -147,8 +147,8 @@ class Prefetcher:
         self._last_use: dict[ObjectKey, torch.cuda.Event] = {}  # key -> event after its last queued use
         self._slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after which it may be overwritten
         self._layer_demands: list[TransferHandle] = []
-        self._position_keys: dict[int, tuple[ObjectKey, ...]] = {}  # MoE layer position -> its objects' keys
-        self._index_of: dict[ObjectKey, int] = {}  # key -> its index in its layer's keys
+        # MoE layer position -> its objects' keys, and each key's index among them
+        self._position_keys: dict[int, tuple[tuple[ObjectKey, ...], dict[ObjectKey, int]]] = {}
         first = homes.key_at(0, 0)
         self._object_bytes = int(homes.home(first).numel())
         link_gbps = config.link_gbps or manager.tier(homes.tier_of(first)).link.bandwidth_gbps
@@ -236,17 +236,17 @@ class Prefetcher:
             )
         issued = 0
         for d in range(1, distance + 1):
-            keys = self._keys_at((context.layer + d) % num_layers, context.num_experts)
+            keys, index_of = self._keys_at((context.layer + d) % num_layers, context.num_experts)
             per_object = scores[d - 1].sum(axis=0)
             if self.predictions is not None:
                 self.predictions.update(dict(zip(keys, per_object.tolist())))
             if self.config.objects_per_layer > 0:
-                issued += self._apply_prefetch(keys, per_object, tick, needed_now)
+                issued += self._apply_prefetch(keys, index_of, per_object, tick, needed_now)
         return issued
 
-    def _apply_prefetch(self, keys: tuple[ObjectKey, ...], per_object: np.ndarray, tick: int,
-                        needed_now: frozenset[ObjectKey]) -> int:
-        """Plan and issue one target layer's prefetch; ``keys[i]`` is scored ``per_object[i]``."""
+    def _apply_prefetch(self, keys: tuple[ObjectKey, ...], index_of: Mapping[ObjectKey, int], per_object: np.ndarray,
+                        tick: int, needed_now: frozenset[ObjectKey]) -> int:
+        """Plan and issue one target layer's prefetch; ``keys[i]`` (``index_of`` maps back) has ``per_object[i]``."""
         group = self.cache.group_of(keys[0])
         max_bytes = self.config.objects_per_layer * self._object_bytes
         if self.window is not None:
@@ -260,7 +260,6 @@ class Prefetcher:
         order, in_flight = self.cache.order(group), self.cache.in_flight(group)
         # the planner sees the best absent candidates and the group's resident keys (its possible victims),
         # not the whole layer: ranking in numpy keeps the host cost flat in the number of experts
-        index_of = self._index_of
         eligible = per_object > budget.min_score
         eligible[[index_of[k] for k in order if k in index_of]] = False
         eligible[[index_of[k] for k in in_flight if k in index_of]] = False
@@ -306,13 +305,13 @@ class Prefetcher:
             self._land(key)
 
     # ---- internals -------------------------------------------------------------------------
-    def _keys_at(self, position: int, count: int) -> tuple[ObjectKey, ...]:
-        """The keys of the ``count`` objects of MoE layer ``position``, built once."""
-        keys = self._position_keys.get(position)
-        if keys is None:
-            keys = self._position_keys[position] = tuple(self.homes.key_at(position, i) for i in range(count))
-            self._index_of.update((key, i) for i, key in enumerate(keys))
-        return keys
+    def _keys_at(self, position: int, count: int) -> tuple[tuple[ObjectKey, ...], dict[ObjectKey, int]]:
+        """The keys of the ``count`` objects of MoE layer ``position`` and each one's index, built once."""
+        found = self._position_keys.get(position)
+        if found is None:
+            keys = tuple(self.homes.key_at(position, i) for i in range(count))
+            found = self._position_keys[position] = (keys, {key: i for i, key in enumerate(keys)})
+        return found
 
     def _fetch_some(self, wave: list[ObjectKey], pending: list[ObjectKey], tick: int) -> list[ObjectKey]:
         """Fetch as many ``pending`` keys as the group has room for (evicting by policy); returns the rest."""

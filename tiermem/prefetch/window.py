@@ -36,7 +36,8 @@ class LinkWindow:
         now_s = time.perf_counter() if now_s is None else now_s
         if self._decided_s is not None:
             lead_s = now_s - self._decided_s
-            self.lead_s = lead_s if self.lead_s is None else (1 - self.smoothing) * self.lead_s + self.smoothing * lead_s
+            previous = lead_s if self.lead_s is None else self.lead_s
+            self.lead_s = (1 - self.smoothing) * previous + self.smoothing * lead_s
             self._decided_s = None
 
     def queued(self, nbytes: int, now_s: float | None = None) -> None:
