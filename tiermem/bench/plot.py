@@ -16,8 +16,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from tiermem.bench.results import Cell
 from tiermem.config import format_bytes
 
@@ -30,6 +28,9 @@ def write_png(cells: Sequence[Cell], path: Path, *, theoretical_gbps: float | No
     if not suites:
         return None
     heights = [_panel_height(suite, [c for c in cells if c.suite == suite]) for suite in suites]
+    # matplotlib costs ~1.5 s to import; every `tiermem` command imports this module, few of them plot.
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(11, sum(heights)), layout="constrained")
     panels = figure.subplots(len(suites), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     for axes, suite in zip(panels, suites):
