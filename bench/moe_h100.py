@@ -25,7 +25,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tiermem.bench.moe import PREFETCH_MIN_SCORE, print_summary, print_table, run_suite
+from tiermem.bench.moe import PREFETCH_MIN_SCORE, run_suite
+from tiermem.bench.moe_report import print_summary, print_table
 
 TIME_GUARD_S = 390.0  # start no workload after this: the device call must end within 8 minutes
 
