@@ -64,6 +64,8 @@ def main() -> int:
     parser.add_argument("--prefetch-distance", type=int, default=1)
     parser.add_argument("--prefetch-experts", type=int, default=2)
     parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE)
+    parser.add_argument("--compute", choices=("grouped", "loop"), default="grouped",
+                        help="expert compute of every mode (grouped GEMMs per layer, or one expert at a time)")
     parser.add_argument("--only", nargs="+", choices=[w for w, *_ in FULL],
                         help="run just these workloads of the full suite")
     options = parser.parse_args()
@@ -82,7 +84,7 @@ def main() -> int:
             modes=["all_hbm", "lru", "lfu", "tiermem"], traces_dir=options.traces_dir, device="cuda",
             out=str(out / workload.replace("@", "_")), quick=options.quick,
             prefetch_distance=options.prefetch_distance, prefetch_experts=options.prefetch_experts,
-            prefetch_min_score=options.prefetch_min_score,
+            prefetch_min_score=options.prefetch_min_score, compute=options.compute,
         )
         done = run_suite(args)
         print_table(done)

@@ -38,6 +38,16 @@ class ObjectKey:
     layer: int
     index: int
 
+    def __post_init__(self) -> None:
+        # keys are hashed hundreds of times per layer by directories, planners and policies: hash once
+        object.__setattr__(self, "_hash", hash((self.kind, self.table, self.layer, self.index)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[ObjectKey], tuple[str, str, int, int]]:
+        return ObjectKey, (self.kind, self.table, self.layer, self.index)  # string hashes differ per process
+
     def __str__(self) -> str:
         return f"{self.kind}:{self.table}:{self.layer}:{self.index}"
 

@@ -144,17 +144,19 @@ def _tiny_transformers_models():
     }, common
 
 
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"])
-def test_offloaded_transformers_model_gives_the_same_logits(arch):
+def test_offloaded_transformers_model_gives_the_same_logits(arch, implementation):
     models, common = _tiny_transformers_models()
     config_cls, model_cls, extra = models[arch]
     torch.manual_seed(0)
-    model = model_cls._from_config(config_cls(**{**common, **extra}), experts_implementation="eager").eval()
+    model = model_cls._from_config(config_cls(**{**common, **extra}), experts_implementation=implementation).eval()
     ids = torch.randint(0, common["vocab_size"], (2, 6))
     with torch.no_grad():
         expected = model(ids).logits
         handle = offload(model, tier="sim", config={"resident_fraction": 0.25})
         got = model(ids).logits
+    assert handle.runtime.compute.value == {"eager": "loop", "grouped_mm": "grouped"}[implementation]
     assert torch.equal(expected, got)
     assert len(handle.blocks) == 2  # DeepSeek-V3: its first layer is dense (first_k_dense_replace=1)
     handle.close()
@@ -172,3 +174,45 @@ def test_route_groups_tokens_exactly_as_torch_where_on_the_reference_mask():
         top_k_pos, token_idx = torch.where(mask == expert)
         assert torch.equal(routing.token_idx[expert], token_idx)
         assert torch.equal(routing.top_k_pos[expert], top_k_pos)
+
+
+@pytest.mark.parametrize("config", [
+    {"resident_fraction": 0.25, "prefetch": {"distance": 1, "objects_per_layer": 2}},
+    {"resident_fraction": 0.5, "slot_layout": "shared", "prefetch": {"distance": 1, "objects_per_layer": 2}},
+])
+def test_grouped_compute_with_prefetch_and_waves_matches_transformers_grouped_mm(config):
+    models, common = _tiny_transformers_models()
+    config_cls, model_cls, extra = models["qwen3_moe"]
+    torch.manual_seed(1)
+    model = model_cls._from_config(config_cls(**{**common, **extra}), experts_implementation="grouped_mm").eval()
+    prompts = [torch.randint(0, common["vocab_size"], (3, 5)) for _ in range(DECODE_STEPS)]
+    with torch.no_grad():
+        expected = [model(ids).logits for ids in prompts]
+        handle = offload(model, tier="sim", config=config, predictor=FirstExperts())
+        got = [model(ids).logits for ids in prompts]
+    stats = handle.stats()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert stats["prefetch_loads"] > 0 and stats["misses"] > 0
+    assert config.get("slot_layout") == "shared" or stats["extra_waves"] > 0  # 15 tokens x top-2 need > 2 slots
+    handle.close()
+
+
+@pytest.mark.gpu
+def test_grouped_compute_on_the_gpu_is_bit_identical_to_transformers_grouped_mm():
+    hf = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = hf.Qwen3MoeConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                               num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                               num_experts=32, num_experts_per_tok=4)
+    model = hf.Qwen3MoeForCausalLM._from_config(config, experts_implementation="grouped_mm", dtype=torch.bfloat16)
+    model = model.to("cuda").eval()
+    prompts = [torch.randint(0, 256, (batch, 4), device="cuda") for batch in (1, 8, 1, 8, 64)]
+    with torch.no_grad():
+        expected = [model(ids).logits for ids in prompts]
+        handle = offload(model, tier="dram", config={"resident_fraction": 0.25, "prefetch": {"distance": 1}},
+                         predictor=FirstExperts())
+        got = [model(ids).logits for ids in prompts]
+    stats = handle.stats()
+    handle.close()
+    assert stats["misses"] > 0 and stats["extra_waves"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))

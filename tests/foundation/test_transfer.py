@@ -89,3 +89,27 @@ def test_tiermem_host_tiers_are_registered_for_dma():
         on_gpu = tm.to(host, "hbm")
         back = tm.to(on_gpu, "dram")
         assert on_gpu.is_cuda and torch.equal(back, host)
+
+
+def test_the_copy_fast_path_reports_a_missing_runtime_instead_of_crashing():
+    from tiermem.transfer import cudart
+
+    if cudart.available():
+        pytest.skip("this process has a CUDA runtime mapped")
+    with pytest.raises(TransferError, match="no CUDA runtime"):
+        cudart.memcpy_async(0, 0, 1, 0)
+
+
+@pytest.mark.gpu
+def test_gpu_copies_use_the_runtime_fast_path_and_land_at_offsets_byte_exact():
+    from tiermem.transfer import cudart
+
+    assert cudart.available()  # torch's libcudart is mapped once CUDA is initialised
+    engine = TransferEngine(TransferConfig(chunk_bytes=(1 << 20) + 512))  # chunks at odd offsets
+    host = torch.randint(0, 255, (8 << 20,), dtype=torch.uint8).pin_memory()
+    device = torch.zeros(16 << 20, dtype=torch.uint8, device="cuda")
+    window = device.narrow(0, 4096 + 256, 8 << 20)
+    engine.submit(make_plan([(host, window)])).wait()
+    assert torch.equal(window.cpu(), host)
+    assert int(device[:4096 + 256].count_nonzero()) == 0 and int(device[4096 + 256 + (8 << 20):].count_nonzero()) == 0
+    engine.close()

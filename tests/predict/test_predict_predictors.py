@@ -120,3 +120,39 @@ def test_a_context_of_another_model_shape_is_refused():
     for predictor in baselines(train).values():
         with pytest.raises(TraceError, match="built for"):
             predictor.predict(context, 1)
+
+
+def _co_occurrence_reference(model: CoOccurrencePredictor, context: RouteContext, distance: int) -> np.ndarray:
+    """The co-occurrence score in plain numpy, written from its definition (module docstring)."""
+    num_layers, weight = model.cross.shape[0], model.config.step_weight
+    out = np.zeros((distance, context.batch_size, context.num_experts), dtype=np.float64)
+    for d in range(1, distance + 1):
+        target = (context.layer + d) % num_layers
+        for b in range(context.batch_size):
+            cross = [e for e in context.current[b, context.layer] if e >= 0] if context.layer >= 0 else []
+            if target > context.layer:  # same token's previous step, else this step's earlier layer
+                step = [] if context.previous is None else [e for e in context.previous[b, target] if e >= 0]
+            else:
+                step = [e for e in context.current[b, target] if e >= 0]
+            parts = [(1 - weight, model.cross[context.layer, d - 1, cross].mean(axis=0)) if cross else None,
+                     (weight, model.step[target, step].mean(axis=0)) if step else None]
+            parts = [p for p in parts if p is not None and p[0] > 0]
+            popularity = model.popularity[target]
+            mixed = sum(w * row for w, row in parts) / sum(w for w, _ in parts) if parts else popularity
+            out[d - 1, b] = mixed + 1e-3 * popularity
+    return out
+
+
+@pytest.mark.parametrize("layer, with_previous", [(0, True), (2, True), (3, False), (-1, True)])
+def test_compiled_co_occurrence_scores_equal_the_definition(layer, with_previous):
+    train, _ = split(SyntheticConfig(**BASE, layer_correlation=0.6, reuse_probability=0.4))
+    model = CoOccurrencePredictor.fit(train)
+    rng = np.random.default_rng(layer + 5)
+    batch = 5
+    current = rng.integers(0, EXPERTS, (batch, LAYERS, TOP_K)).astype(np.int16)
+    current[:, layer + 1:] = -1
+    current[1, max(layer, 0), 1] = -1  # a dropped slot
+    previous = rng.integers(0, EXPERTS, (batch, LAYERS, TOP_K)).astype(np.int16) if with_previous else None
+    context = RouteContext(num_experts=EXPERTS, layer=layer, current=current, previous=previous, activation=None)
+    got = model.predict(context, 3)
+    np.testing.assert_allclose(got, _co_occurrence_reference(model, context, 3), rtol=1e-5, atol=1e-7)

@@ -14,7 +14,9 @@ resident rows (decode batch and a prefill chunk); only then is anything timed. P
 
 Variants (``--methods``) fix how a host table is read, whatever ``auto`` would pick: ``uva`` (one
 fused hash + gather kernel per layer on a few CTAs), ``uva-high`` (the same on a high-priority side
-stream), ``uva-unfused`` (the first run's path: torch hashing, sort-based de-duplication, a gather
+stream), ``uva-burst`` (the same, high priority, one CTA per block of rows: the whole GPU for a short
+burst instead of a few SMs for long, since a one-wave GEMM that finds one SM busy runs a second wave),
+``uva-unfused`` (the first run's path: torch hashing, sort-based de-duplication, a gather
 kernel over the whole GPU), ``staged`` (CPU gather into pinned staging + one copy). ``resident`` (the
 baseline) uses the fused kernel on the HBM table, ``none`` is the backbone without Engram. Methods
 alternate within each of three rounds, so drift of clocks or host load hits all alike. The run ends
@@ -66,6 +68,7 @@ ROUNDS = 3
 VARIANTS = {  # name -> (gather method, config overrides)
     "uva": (GatherMethod.UVA, {}),
     "uva-high": (GatherMethod.UVA, {"side_stream_priority": StreamPriority.HIGH}),
+    "uva-burst": (GatherMethod.UVA, {"side_stream_priority": StreamPriority.HIGH, "gather_max_programs": 1 << 16}),
     "uva-unfused": (GatherMethod.UVA, {"fuse_hash_gather": False, "gather_max_programs": 1 << 16}),
     "staged": (GatherMethod.STAGED, {}),
 }

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tiermem.bench.moe_report import print_summary, print_table
 from tiermem.experts.layout import ExpertLayout
 from tiermem.experts.placement import single_tier
-from tiermem.experts.runtime import ExpertRuntime, OffloadConfig
+from tiermem.experts.runtime import ExpertCompute, ExpertRuntime, OffloadConfig
 from tiermem.experts.store import ExpertStore
 from tiermem.manager import ManagerConfig, TierManager
 from tiermem.predict.base import RouteContext
@@ -142,13 +142,15 @@ def build_store(manager: TierManager, shape: ExpertShape, layers: tuple[int, ...
 
 
 def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str, fraction: float, batch: int,
-             device: torch.device, prefetch: PrefetchConfig) -> dict[str, Any]:
+             device: torch.device, prefetch: PrefetchConfig,
+             compute: ExpertCompute = ExpertCompute.GROUPED) -> dict[str, Any]:
     """Replay ``steps`` through one runtime; returns the record of the run."""
     shape = work.shape
     predictor = CrossFitted(work.routes, prefetch.distance) if mode == "tiermem" and work.routes is not None else None
     policy = {"all_hbm": "lru", "lru": "lru", "lfu": "lfu", "tiermem": "predicted" if predictor else "lfu"}[mode]
     config = OffloadConfig(resident_fraction=1.0 if mode == "all_hbm" else fraction, policy=policy,
-                           prefetch=prefetch if predictor else PrefetchConfig(distance=0), time_host_phases=True)
+                           prefetch=prefetch if predictor else PrefetchConfig(distance=0), time_host_phases=True,
+                           compute=compute)
     runtime = ExpertRuntime(store, config, device=device, top_k=shape.top_k, predictor=predictor)
     hidden = torch.randn(batch, shape.hidden, device=device, dtype=store.layout.tensors[0].dtype)
     weights = torch.full((batch, shape.top_k), 1.0 / shape.top_k, device=device, dtype=hidden.dtype)
@@ -171,7 +173,7 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     stats = runtime.stats()
     runtime.close()
     moved = stats["demand_bytes"] + stats["prefetch_bytes"]
-    return {"mode": mode, "policy": policy, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
+    return {"mode": mode, "policy": policy, "compute": compute.value, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
                 "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
@@ -268,6 +270,7 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
         log.info("%s", record)
 
     raw_gbps = None
+    compute = ExpertCompute(args.compute)
     for work in workloads(Path(args.traces_dir), args.workloads, args.quick):
         layers = work.trace.layers
         nbytes = len(layers) * work.shape.num_experts * (3 * work.shape.hidden * work.shape.intermediate * 2 + 8192)
@@ -292,13 +295,13 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
             compute_only = None
             if "all_hbm" in args.modes:
                 compute_only = run_mode(store, work, steps, mode="all_hbm", fraction=1.0, batch=batch, device=device,
-                                        prefetch=prefetch)
+                                        prefetch=prefetch, compute=compute)
                 emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": 1.0, **compute_only})
             for fraction in args.fractions:
                 runs = {}
                 for mode in (m for m in args.modes if m != "all_hbm"):
                     runs[mode] = run_mode(store, work, steps, mode=mode, fraction=fraction, batch=batch,
-                                          device=device, prefetch=prefetch)
+                                          device=device, prefetch=prefetch, compute=compute)
                     emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": fraction,
                           **_checks(runs[mode], compute_only, raw_gbps)})
                 emit(_summary(work, batch, fraction, runs, simulated_hit_rates(_subset(work.trace, seqs), fraction, batch)))
@@ -359,6 +362,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prefetch-experts", type=int, default=2, help="experts tiermem may prefetch per layer")
     parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE,
                         help="prefetch only experts with more expected uses in the batch than this")
+    parser.add_argument("--compute", choices=[c.value for c in ExpertCompute], default=ExpertCompute.GROUPED.value,
+                        help="expert compute of every mode: grouped (two grouped GEMMs per layer) or loop (per expert)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
     parser.add_argument("--out", default="tiermem-results/moe", help="output folder (moe.jsonl)")
     parser.add_argument("--quick", action="store_true", help="one workload, one fraction, batches 1 and 8, few steps")

@@ -9,13 +9,15 @@ plus optionally ``shared_expert`` + ``shared_expert_gate`` (Qwen2-MoE) or ``shar
 naming the modules found.
 
 The returned ``OffloadHandle`` reports ``stats()`` and releases everything on ``close()``
-(idempotent; the model cannot run its MoE layers afterwards).
+(idempotent; the model cannot run its MoE layers afterwards). Experts are computed as the model computes
+them: grouped when its `_experts_implementation` is `grouped_mm`, else the eager loop (both bit-exact).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -26,7 +28,7 @@ from tiermem.config import from_dict
 from tiermem.errors import ConfigError
 from tiermem.experts.moe import OffloadedExperts, OffloadedMoE, SharedExperts
 from tiermem.experts.placement import Placement
-from tiermem.experts.runtime import ExpertRuntime, OffloadConfig
+from tiermem.experts.runtime import ExpertCompute, ExpertRuntime, OffloadConfig
 from tiermem.experts.sources import ModuleExperts
 from tiermem.experts.store import ExpertStore
 from tiermem.manager import ManagerConfig, TierManager, default_config
@@ -85,6 +87,8 @@ def offload(
     a ``TierManager`` with just the home tier(s), sized to the experts, is built and owned by the handle.
     """
     config = _config(config, hbm_budget_bytes)
+    if config.compute is None:
+        config = replace(config, compute=_model_compute(model))
     blocks = find_moe_blocks(model)
     layers = {_layer_index(name, i): block for i, (name, block) in enumerate(blocks.items())}
     source = ModuleExperts({layer: block.experts for layer, block in layers.items()})
@@ -120,6 +124,12 @@ def offload(
         replaced[name] = offloaded
     log.info("offload: replaced %d MoE blocks; experts on %s, %s", len(replaced), list(tiers), store.layout.describe())
     return OffloadHandle(runtime, store, manager, owns_manager, replaced)
+
+
+def _model_compute(model: nn.Module) -> ExpertCompute:
+    """Compute the way the model's own experts do: grouped for transformers' ``grouped_mm``, else the loop."""
+    implementation = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    return ExpertCompute.GROUPED if implementation == "grouped_mm" else ExpertCompute.LOOP
 
 
 def find_moe_blocks(model: nn.Module) -> dict[str, nn.Module]:

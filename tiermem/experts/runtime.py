@@ -2,25 +2,35 @@
 
 Per layer: group tokens by expert -> record the routing (tracker, activation counts) -> demand the
 hit experts (misses are fetched now, in one submit per wave, waves if the slot group is too small) ->
-predict and prefetch the next layers (queued on the link right behind this layer's misses) -> compute
-each expert on its slot as soon as its own copy has landed -> sum in the reference order
-(``tiermem.experts.compute``). Output is bit-identical to the all-resident
-module. Inference only: slot weights are not parameters and carry no gradients.
+compute -> predict and prefetch the next layers. Two ways to compute, chosen by ``compute``:
+
+- ``loop``: each expert on its slot as soon as its own copy has landed, summed in the order of
+  transformers' eager experts (``tiermem.experts.compute``); the prefetch is queued before the
+  compute launches, right behind this layer's misses, since launching the loop takes long;
+- ``grouped``: each wave's experts in two grouped GEMMs over their slots, as transformers'
+  ``grouped_mm`` experts (``tiermem.experts.grouped``); the prefetch is planned and queued after the
+  first wave's launches, so its host time overlaps the GPU's work on this layer.
+
+Either way the output is bit-identical to the all-resident module computed the same way. Inference
+only: slot weights are not parameters and carry no gradients.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from tiermem.config import format_bytes, option, require
 from tiermem.errors import CapacityError, ConfigError
 from tiermem.experts.cache import ExpertCache
 from tiermem.experts.compute import combine, expert_output, route
+from tiermem.experts.grouped import SlotWeights, pair_buffer, run_wave, sum_pairs, wave_rows
 from tiermem.experts.routes import RouteTracker
 from tiermem.experts.store import ExpertStore
 from tiermem.predict.base import Predictor
@@ -31,6 +41,13 @@ from tiermem.residency.signals import ActivationCounts, PredictionScores
 from tiermem.residency.slots import SlotLayout, SlotPool, slots_for_fraction
 
 log = logging.getLogger("tiermem.experts")
+
+
+class ExpertCompute(str, enum.Enum):
+    """How a layer's experts are computed on their slots (each bit-exact to its transformers counterpart)."""
+
+    LOOP = "loop"  # one expert at a time: transformers' eager experts
+    GROUPED = "grouped"  # two grouped GEMMs per wave: transformers' grouped_mm experts
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,8 @@ class OffloadConfig:
     prefetch: PrefetchConfig = option(PrefetchConfig(), help="Prefetch distance and per-layer budget.")
     lfu_half_life_steps: float | None = option(None, help="Half-life of LFU counts in decode steps; None: never.")
     time_host_phases: bool = option(False, help="Time each host phase of a layer (stats()['host_us_per_layer']).")
+    compute: ExpertCompute | None = option(None, help="loop (transformers' eager experts) or grouped (its grouped_mm "
+                                                      "experts); None: what the model uses (offload), else loop.")
 
     def __post_init__(self) -> None:
         require((self.hbm_budget_bytes is None) != (self.resident_fraction is None), self,
@@ -90,6 +109,12 @@ class ExpertRuntime:
         self.prefetcher = Prefetcher(self.cache, store, store.manager, config=config.prefetch, predictor=predictor,
                                      predictions=predictions, phases=self.phases)
         self._keys = {layer: tuple(store.key(layer, e) for e in range(store.num_experts)) for layer in store.layers}
+        self.compute = config.compute or ExpertCompute.LOOP
+        self._slot_weights: list[SlotWeights] = []
+        if self.compute is ExpertCompute.GROUPED:
+            per_group = self.cache.pool.slots_per_group
+            self._slot_weights = [SlotWeights.of(store.layout, self.cache.memory[g * per_group:(g + 1) * per_group])
+                                  for g in range(self.cache.num_groups)]
         self.tracker = RouteTracker(num_layers=num_layers, num_experts=store.num_experts, top_k=top_k)
         self._closed = False
         log.info("expert runtime: %d slot(s) per group x %d group(s) (%s of HBM), policy %s, prefetch %s",
@@ -104,6 +129,8 @@ class ExpertRuntime:
         if self._closed:
             raise ConfigError("expert runtime: closed (tiermem.offload handle.close() was called); the offloaded "
                               "experts are gone, so the model cannot run anymore")
+        if self.compute is ExpertCompute.GROUPED:
+            return self._run_grouped(layer, hidden, top_k_index, top_k_weights, act_fn)
         phases = self.phases
         phases.start()
         index = top_k_index.to("cpu")  # the one synchronisation per layer: which experts were hit
@@ -134,6 +161,45 @@ class ExpertRuntime:
         phases.lap("compute")
         phases.layer_done()
         return combined
+
+    def _run_grouped(
+        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        phases = self.phases
+        phases.start()
+        index = top_k_index.to("cpu").numpy()  # the one synchronisation per layer: which experts were hit
+        phases.lap("route_sync")
+        num_experts = self.store.num_experts
+        pairs = index.reshape(-1)
+        experts, uses = np.unique(pairs[(pairs >= 0) & (pairs < num_experts)], return_counts=True)
+        context, tick = self.tracker.record(self.store.position(layer), index)
+        layer_keys = self._keys[layer]
+        expert_of = {layer_keys[e]: e for e in experts.tolist()}
+        phases.lap("route")
+        for key, count in zip(expert_of, uses.tolist()):
+            self.counts.record(key, tick, float(count))
+        phases.lap("stats")
+        group = self.cache.group_of(layer_keys[0])
+        weights = self._slot_weights[group]
+        first_slot = group * self.cache.pool.slots_per_group
+        out = pair_buffer(hidden, top_k_weights, weights)
+        prefetched = False
+        for wave in self.prefetcher.demand(list(expert_of), tick):
+            slot_of_expert = np.full(num_experts, -1, dtype=np.int64)
+            for key in wave:
+                self.prefetcher.ready(key)
+                slot_of_expert[expert_of[key]] = self.cache.slot_of(key) - first_slot
+            rows = wave_rows(pairs, slot_of_expert, weights.down.shape[0])
+            run_wave(hidden, top_k_weights, rows, weights, act_fn, out)
+            phases.lap("compute")
+            if not prefetched:  # after the launches: planning overlaps the GPU's work on this layer
+                self.prefetcher.prefetch(context, tick, needed_now=frozenset(expert_of))
+                prefetched = True
+        result = sum_pairs(out, index.shape[0], hidden.dtype)
+        phases.lap("compute")
+        phases.layer_done()
+        return result
 
     def stats(self) -> dict[str, Any]:
         """Hit rate, prefetch precision/recall, bytes moved per tier, stall time, and the cache's shape."""

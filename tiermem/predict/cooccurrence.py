@@ -7,13 +7,14 @@ Invariants:
 - A target's score averages the cross-table rows of the anchor layer's experts and the step-table
   rows of the same layer one token earlier, weighted ``1 - step_weight`` and ``step_weight``; when one
   source is unknown the other is used alone, and popularity when both are. All distances are scored
-  in one vectorised pass (no Python loop over experts or tokens).
+  in one compiled (numba) pass: it runs once per routed layer, on the decode critical path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from tiermem.config import option, require
@@ -50,6 +51,8 @@ class CoOccurrencePredictor:
         self.step = step  # float32 [L, E, E]
         self.popularity = popularity  # float32 [L, E]
         self.config = config
+        self.predict(RouteContext(num_experts=popularity.shape[1], layer=-1,  # compile (or load) now, not mid-decode
+                                  current=np.full((1, popularity.shape[0], 1), -1, dtype=np.int16)), 1)
 
     @classmethod
     def fit(cls, trace: RouteTrace, config: CoOccurrenceConfig = CoOccurrenceConfig()) -> CoOccurrencePredictor:
@@ -80,18 +83,59 @@ class CoOccurrencePredictor:
         targets = np.array([layer for _, layer in ahead])
         no_source = np.full((batch, context.current.shape[2]), -1, dtype=np.int16)
         step_sources = np.stack([_step_source(context, steps, layer, no_source) for steps, layer in ahead])
-        step, step_known = _mean_rows(self.step[targets], step_sources)  # [D, B, E], [D, B, 1]
-        if anchor >= 0:
-            cross_sources = np.broadcast_to(context.current[:, anchor], (distance,) + no_source.shape)
-            cross, cross_known = _mean_rows(self.cross[anchor, :distance], cross_sources)
-        else:
-            cross, cross_known = np.zeros_like(step), np.zeros_like(step_known)
-        weight = np.float32(self.config.step_weight)
-        total = (1 - weight) * cross + weight * step
-        norm = (1 - weight) * cross_known + weight * step_known
-        popularity = self.popularity[targets][:, None, :]  # [D, 1, E]
-        mixed = np.where(norm > 0, total / np.maximum(norm, 1e-12), popularity)
-        return (mixed + _TIE_BREAK * popularity).astype(np.float32)
+        cross_sources = context.current[:, anchor] if anchor >= 0 else no_source
+        cross_tables = self.cross[max(anchor, 0)]  # [depth, E, E]; unused when anchor < 0 (no known source)
+        return _scores(cross_tables, self.step, self.popularity, targets,  # C-contiguous: one compiled signature
+                       np.ascontiguousarray(cross_sources, dtype=np.int64),
+                       np.ascontiguousarray(step_sources, dtype=np.int64),
+                       np.float32(self.config.step_weight), np.float32(_TIE_BREAK))
+
+
+@numba.njit(cache=True, nogil=True)
+def _scores(cross: np.ndarray, step: np.ndarray, popularity: np.ndarray, targets: np.ndarray,
+            cross_sources: np.ndarray, step_sources: np.ndarray, weight: np.float32,
+            tie_break: np.float32) -> np.ndarray:  # pragma: no cover - compiled; tested against numpy
+    """Scores ``[D, B, E]``: per target, the weighted means of the known sources' table rows.
+
+    ``cross`` is the anchor's ``[depth, E, E]`` tables, ``step`` ``[L, E, E]``, ``popularity``
+    ``[L, E]``; ``cross_sources`` ``[B, K]`` and ``step_sources`` ``[D, B, K]`` hold expert ids, -1
+    where unknown. One compiled pass: a per-layer call costs microseconds, not a dozen numpy calls.
+    """
+    distance, batch, top_k = step_sources.shape
+    num_experts = popularity.shape[1]
+    out = np.empty((distance, batch, num_experts), dtype=np.float32)
+    cross_sum = np.empty(num_experts, dtype=np.float32)
+    step_sum = np.empty(num_experts, dtype=np.float32)
+    for d in range(distance):
+        target = targets[d]
+        for b in range(batch):
+            cross_sum[:] = 0.0
+            step_sum[:] = 0.0
+            cross_known = 0
+            step_known = 0
+            for k in range(top_k):
+                source = cross_sources[b, k]
+                if source >= 0:
+                    cross_known += 1
+                    cross_sum += cross[d, source]
+                source = step_sources[d, b, k]
+                if source >= 0:
+                    step_known += 1
+                    step_sum += step[target, source]
+            norm = np.float32(0.0)
+            if cross_known > 0:
+                norm += np.float32(1.0) - weight
+            if step_known > 0:
+                norm += weight
+            for e in range(num_experts):
+                pop = popularity[target, e]
+                if norm > 0:
+                    total = (np.float32(1.0) - weight) * (cross_sum[e] / np.float32(max(cross_known, 1)))
+                    total += weight * (step_sum[e] / np.float32(max(step_known, 1)))
+                    out[d, b, e] = total / norm + tie_break * pop
+                else:
+                    out[d, b, e] = pop + tie_break * pop
+    return out
 
 
 def _step_source(context: RouteContext, steps: int, layer: int, none: np.ndarray) -> np.ndarray:
@@ -113,18 +157,6 @@ def _count_pairs(table: np.ndarray, sources: np.ndarray, targets: np.ndarray) ->
 def _conditional(counts: np.ndarray, smoothing: float) -> np.ndarray:
     smoothed = counts + smoothing
     return (smoothed / smoothed.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def _mean_rows(tables: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per distance, the mean table row of the known ids of each token, and whether any id was known.
-
-    ``tables`` is ``[D, E, E]`` and ``ids`` ``[D, B, K]``; returns ``[D, B, E]`` and ``[D, B, 1]``.
-    """
-    known = ids >= 0
-    rows = tables[np.arange(len(tables))[:, None, None], np.where(known, ids, 0)]  # [D, B, K, E]
-    count = known.sum(axis=2, keepdims=True).astype(np.float32)
-    total = (rows * known[..., None]).sum(axis=2)
-    return total / np.maximum(count, 1.0), (count > 0).astype(np.float32)
 
 
 PREDICTORS.register("cooccurrence", CoOccurrenceConfig, lambda config, trace: CoOccurrencePredictor.fit(trace, config))
