@@ -5,10 +5,18 @@ Each phase starts ``python -m sglang.launch_server`` (plugins load there), waits
 token-id requests at a fixed concurrency, records output ids and wall time, and stops the server. The
 ``predictor`` phase first collects a routing trace from the all-HBM server (``--enable-return-routed-
 experts``) on other prompts, then serves ``--expert-tier cxl --expert-tier-predictor trace.npz``.
-Results: ``OUT/e2e.json`` (per phase: output tokens/s, request latency, match with all-HBM) and each
-server's log tail. Every request loop is bounded (count and timeout); servers listen on 127.0.0.1 only.
+Results: ``OUT/e2e.json`` (per phase: start-up seconds, output tokens/s, request latency, match with
+all-HBM), rewritten after every phase so a run stopped at its time limit keeps the phases it finished,
+and each server's log tail. Every request loop is bounded (count and timeout); servers listen on
+127.0.0.1 only.
+
+A run may be split over several device calls: a later call without ``hbm`` compares against an
+earlier call's ``e2e.json`` (``--reference``) and fits its predictor from that call's trace
+(``--trace``, collected by an ``hbm`` phase run with ``--collect-trace`` or beside ``predictor``);
+the random checkpoint is seeded, so each call writes the same weights.
 
     python e2e.py MODEL_DIR OUT_DIR [--slots 32] [--phases hbm,tiermem,paged,predictor]
+                  [--reference EARLIER/e2e.json --trace EARLIER/trace.npz]
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ from tiermem.predict.importers import from_sglang_routed_experts
 from tiermem.predict.trace import save_trace
 
 PORT = 31000
-STARTUP_TIMEOUT_S = 900
-REQUEST_TIMEOUT_S = 600
+REQUEST_TIMEOUT_S = 300
+STOP_TIMEOUT_S = 20
 COMMON = ["--skip-tokenizer-init", "--attention-backend", "triton", "--sampling-backend", "pytorch",
           "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
           "--disable-radix-cache", "--mem-fraction-static", "0.5", "--context-length", "2048",
@@ -54,31 +62,34 @@ def post(path: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def start(model: Path, flags: list[str], log: Path) -> subprocess.Popen:
+def start(model: Path, flags: list[str], log: Path, timeout_s: float) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TIERMEM_SGLANG_CONFIG"}
     server = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), *COMMON,
                                *flags], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                               start_new_session=True)
-    deadline = time.time() + STARTUP_TIMEOUT_S
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with {server.returncode} during start-up; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=5) as response:
-                if response.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(2)
-    stop(server)
-    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s; see {log}")
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited with {server.returncode} during start-up; see {log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return server
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(2)
+        raise RuntimeError(f"server not healthy after {timeout_s:.0f} s; see {log}")
+    except BaseException:  # not healthy, or this process told to stop: the server must not outlive it
+        stop(server)
+        raise
 
 
 def stop(server: subprocess.Popen) -> None:
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=60)
+            server.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
@@ -123,26 +134,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--startup-timeout-s", type=float, default=300.0)
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="an earlier run's e2e.json whose hbm outputs are the reference when hbm is not run")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="routing trace for the predictor phase (default OUT/trace.npz, collected by hbm)")
+    parser.add_argument("--collect-trace", action="store_true",
+                        help="collect the routing trace in hbm even without a predictor phase (for a later call)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # A time limit's SIGTERM unwinds like an exception, so the running phase still stops its server
+    # (started in its own session, it would outlive this process and hold the GPU).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     config = json.loads((args.model / "config.json").read_text())
     rng = np.random.default_rng(0)
     prompts = rng.integers(100, config["vocab_size"], (args.requests, args.prompt_tokens)).tolist()
     trace_prompts = rng.integers(100, config["vocab_size"], (16, args.prompt_tokens)).tolist()
-    trace_path = args.out / "trace.npz"
+    trace_path = args.trace or args.out / "trace.npz"
     results: dict = {"model": config, "slots": args.slots, "requests": args.requests,
                      "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "phases": {}}
     phases = args.phases.split(",")
+    reference = None
+    if "hbm" not in phases and args.reference is not None:
+        earlier = json.loads(args.reference.read_text())
+        if (earlier["model"], earlier["requests"], earlier["prompt_tokens"], earlier["new_tokens"]) != (
+                config, args.requests, args.prompt_tokens, args.new_tokens):
+            parser.error(f"{args.reference} was run on another model or workload; rerun hbm instead")
+        reference = earlier["phases"]["hbm"]["outputs"]
+    if "predictor" in phases and "hbm" not in phases and not trace_path.is_file():
+        parser.error(f"the predictor phase needs a routing trace: run hbm first or pass --trace (no {trace_path})")
     for phase in phases:
         log = args.out / f"server-{phase}.log"
-        extra = ["--enable-return-routed-experts"] if phase == "hbm" and "predictor" in phases else []
+        collect = phase == "hbm" and ("predictor" in phases or args.collect_trace)
+        extra = ["--enable-return-routed-experts"] if collect else []
+        start_s = time.perf_counter()
         try:
-            server = start(args.model, phase_flags(phase, args.slots, trace_path) + extra, log)
+            server = start(args.model, phase_flags(phase, args.slots, trace_path) + extra, log,
+                           args.startup_timeout_s)
         except RuntimeError as error:
             results["phases"][phase] = {"error": str(error)}
             print(f"{phase}: {error}", flush=True)
+            (args.out / "e2e.json").write_text(json.dumps(results, indent=1))
             continue
+        startup_s = time.perf_counter() - start_s
         try:
             generate(prompts[:2], 8, 2)  # warm-up
             run = generate(prompts, args.new_tokens, args.concurrency)
@@ -150,18 +185,26 @@ def main(argv: list[str] | None = None) -> int:
                 collected = generate(trace_prompts, args.new_tokens, args.concurrency, routes=True)["answers"]
                 trace = from_sglang_routed_experts(collected, num_layers=config["num_hidden_layers"],
                                                    top_k=config["num_experts_per_tok"],
-                                                   num_experts=config["num_experts"], model="random qwen3-moe")
+                                                   num_experts=config.get("num_experts", config.get("num_local_experts")),
+                                                   model="random qwen3-moe")
                 save_trace(trace, trace_path)
+        except (OSError, KeyError, ValueError) as error:  # a failed request (urllib errors are OSErrors)
+            results["phases"][phase] = {"startup_s": startup_s, "error": f"{type(error).__name__}: {error}"}
+            print(f"{phase}: requests failed: {error}; see {log}", flush=True)
+            (args.out / "e2e.json").write_text(json.dumps(results, indent=1))
+            continue
         finally:
             stop(server)
-        reference = results["phases"].get("hbm", {}).get("outputs")
-        summary = {k: v for k, v in run.items() if k != "answers"}
+        if phase == "hbm":
+            reference = run["outputs"]
+        summary = {"startup_s": startup_s, **{k: v for k, v in run.items() if k != "answers"}}
         if reference is not None and phase != "hbm":
             summary["match_vs_hbm"] = match(run["outputs"], reference)
         results["phases"][phase] = summary
-        print(f"{phase}: {summary['output_tokens_per_s']:.1f} output tok/s, p50 {summary['latency_s_p50']:.2f} s"
+        (args.out / "e2e.json").write_text(json.dumps(results, indent=1))
+        print(f"{phase}: start-up {startup_s:.0f} s, {summary['output_tokens_per_s']:.1f} output tok/s, "
+              f"p50 {summary['latency_s_p50']:.2f} s"
               + (f", match {summary['match_vs_hbm']}" if "match_vs_hbm" in summary else ""), flush=True)
-    (args.out / "e2e.json").write_text(json.dumps(results, indent=1))
     return 0 if all("error" not in p for p in results["phases"].values()) else 1
 
 
