@@ -26,9 +26,6 @@ class Routing:
     token_idx: Mapping[int, torch.Tensor]  # expert -> rows of the flattened hidden states
     top_k_pos: Mapping[int, torch.Tensor]  # expert -> top-k position of each of those rows
 
-    def uses(self, expert: int) -> int:
-        return int(self.token_idx[expert].numel())
-
 
 def route(top_k_index: torch.Tensor, num_experts: int, device: torch.device) -> Routing:
     """Group tokens by expert from the routing ``[T, K]`` (on any device); indices end up on ``device``.

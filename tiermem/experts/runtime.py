@@ -33,12 +33,13 @@ from tiermem.experts.compute import combine, expert_output, route
 from tiermem.experts.grouped import SlotWeights, pair_buffer, run_wave, sum_pairs, wave_rows
 from tiermem.experts.routes import RouteTracker
 from tiermem.experts.store import ExpertStore
-from tiermem.predict.base import Predictor
+from tiermem.predict.base import Predictor, RouteContext
 from tiermem.prefetch.prefetcher import PrefetchConfig, Prefetcher
 from tiermem.prefetch.stats import HostPhases
 from tiermem.residency.policies import EVICTION_POLICIES, PolicySignals
 from tiermem.residency.signals import ActivationCounts, PredictionScores
 from tiermem.residency.slots import SlotLayout, SlotPool, slots_for_fraction
+from tiermem.types import ObjectKey
 
 log = logging.getLogger("tiermem.experts")
 
@@ -129,24 +130,17 @@ class ExpertRuntime:
         if self._closed:
             raise ConfigError("expert runtime: closed (tiermem.offload handle.close() was called); the offloaded "
                               "experts are gone, so the model cannot run anymore")
-        if self.compute is ExpertCompute.GROUPED:
-            return self._run_grouped(layer, hidden, top_k_index, top_k_weights, act_fn)
         phases = self.phases
         phases.start()
-        index = top_k_index.to("cpu")  # the one synchronisation per layer: which experts were hit
+        index = top_k_index.to("cpu").numpy()  # the one synchronisation per layer: which experts were hit
         phases.lap("route_sync")
-        routing = route(index, self.store.num_experts, hidden.device)
-        context, tick = self.tracker.record(self.store.position(layer), index.numpy())
-        layer_keys = self._keys[layer]
-        keys = {expert: layer_keys[expert] for expert in routing.experts}
-        phases.lap("route")
-        for expert, key in keys.items():
-            self.counts.record(key, tick, float(routing.uses(expert)))
-        phases.lap("stats")
-        by_key = {key: expert for expert, key in keys.items()}
+        if self.compute is ExpertCompute.GROUPED:
+            return self._run_grouped(layer, index, hidden, top_k_weights, act_fn)
+        routing = route(torch.from_numpy(index), self.store.num_experts, hidden.device)
+        context, tick, by_key = self._record_routing(layer, index)
         outputs: dict[int, torch.Tensor] = {}
         prefetched = False
-        for wave in self.prefetcher.demand(list(keys.values()), tick):
+        for wave in self.prefetcher.demand(list(by_key), tick):
             if not prefetched:
                 # the next layers' prefetch queues on the link right behind this layer's misses, so it
                 # moves while the host launches this layer's compute, not when the next layer's misses come
@@ -162,25 +156,29 @@ class ExpertRuntime:
         phases.layer_done()
         return combined
 
-    def _run_grouped(
-        self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-        act_fn: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        phases = self.phases
-        phases.start()
-        index = top_k_index.to("cpu").numpy()  # the one synchronisation per layer: which experts were hit
-        phases.lap("route_sync")
-        num_experts = self.store.num_experts
+    def _record_routing(self, layer: int, index: np.ndarray) -> tuple[RouteContext, int, dict[ObjectKey, int]]:
+        """Record layer ``layer``'s routing ``[T, K]`` (tracker, activation counts); returns the predictors'
+        context, the tick and the hit experts' keys -> expert ids, in ascending expert order."""
         pairs = index.reshape(-1)
-        experts, uses = np.unique(pairs[(pairs >= 0) & (pairs < num_experts)], return_counts=True)
+        experts, uses = np.unique(pairs[(pairs >= 0) & (pairs < self.store.num_experts)], return_counts=True)
         context, tick = self.tracker.record(self.store.position(layer), index)
         layer_keys = self._keys[layer]
         expert_of = {layer_keys[e]: e for e in experts.tolist()}
-        phases.lap("route")
+        self.phases.lap("route")
         for key, count in zip(expert_of, uses.tolist()):
             self.counts.record(key, tick, float(count))
-        phases.lap("stats")
-        group = self.cache.group_of(layer_keys[0])
+        self.phases.lap("stats")
+        return context, tick, expert_of
+
+    def _run_grouped(
+        self, layer: int, index: np.ndarray, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        phases = self.phases
+        num_experts = self.store.num_experts
+        pairs = index.reshape(-1)
+        context, tick, expert_of = self._record_routing(layer, index)
+        group = self.cache.group_of(self._keys[layer][0])
         weights = self._slot_weights[group]
         first_slot = group * self.cache.pool.slots_per_group
         out = pair_buffer(hidden, top_k_weights, weights)
