@@ -27,6 +27,7 @@ from rich.table import Table
 
 from tiermem.bench.moe import PREFETCH_MIN_SCORE, run_suite
 from tiermem.bench.moe_report import print_summary, print_table
+from tiermem.experts.runtime import ExpertCompute
 
 TIME_GUARD_S = 390.0  # start no workload after this: the device call must end within 8 minutes
 
@@ -64,7 +65,7 @@ def main() -> int:
     parser.add_argument("--prefetch-distance", type=int, default=1)
     parser.add_argument("--prefetch-experts", type=int, default=2)
     parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE)
-    parser.add_argument("--compute", choices=("grouped", "loop"), default="grouped",
+    parser.add_argument("--compute", choices=[c.value for c in ExpertCompute], default=ExpertCompute.GROUPED.value,
                         help="expert compute of every mode (grouped GEMMs per layer, or one expert at a time)")
     parser.add_argument("--only", nargs="+", choices=[w for w, *_ in FULL],
                         help="run just these workloads of the full suite")
