@@ -113,3 +113,17 @@ def test_gpu_copies_use_the_runtime_fast_path_and_land_at_offsets_byte_exact():
     assert torch.equal(window.cpu(), host)
     assert int(device[:4096 + 256].count_nonzero()) == 0 and int(device[4096 + 256 + (8 << 20):].count_nonzero()) == 0
     engine.close()
+
+
+@pytest.mark.gpu
+def test_gpu_copies_start_after_the_work_queued_on_the_after_stream():
+    engine = TransferEngine()
+    host = torch.randint(1, 255, (4 << 20,), dtype=torch.uint8).pin_memory()
+    device = torch.empty(4 << 20, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # tens of ms: a copy that did not wait would land first
+        device.fill_(0)
+    engine.submit(make_plan([(host, device)]), after=side).wait()
+    assert torch.equal(device.cpu(), host)  # the copy came after the fill, so nothing of it was overwritten
+    engine.close()

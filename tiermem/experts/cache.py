@@ -35,13 +35,15 @@ class ExpertCache:
         self.layout = layout
         self.layers = tuple(layers)
         self.slot_layout = slot_layout
-        self.device = torch.device(device)
         num_groups = len(self.layers) if slot_layout is SlotLayout.PER_LAYER else 1
         self.pool = SlotPool(slot_bytes=layout.block_bytes, slots_per_group=slots_per_group, num_groups=num_groups)
         self.directory = Directory(self.pool.num_slots)
         self.policy_name = policy
         self.policy = make_policy(policy, signals)
-        self.memory = torch.empty((self.pool.num_slots, layout.block_bytes), dtype=torch.uint8, device=self.device)
+        self.memory = torch.empty((self.pool.num_slots, layout.block_bytes), dtype=torch.uint8, device=device)
+        # with its index ("cuda:0", not "cuda"): torch.cuda.current_stream(device) then skips a device query
+        # that costs ~9 us per call, and the prefetcher asks for it several times per layer
+        self.device = self.memory.device
         self._group = {layer: (i if slot_layout is SlotLayout.PER_LAYER else 0) for i, layer in enumerate(self.layers)}
         self.entries: dict[ObjectKey, CacheEntry] = {}
         self._resident: list[set[ObjectKey]] = [set() for _ in range(num_groups)]

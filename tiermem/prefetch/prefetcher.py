@@ -22,7 +22,7 @@ Design note. One object (an expert) moves through these states::
   skip in-flight keys, and ``SlotCache.begin_load`` raises on a second load).
 - The compute stream waits only on the objects it is about to use (``ready``: ``wait_on`` the one
   handle), never on the whole copy stream. Copies are submitted from a side stream of the
-  prefetcher (the engine makes its copy streams wait on the submitting stream), so a copy waits for
+  prefetcher (the engine makes its copy streams wait on the stream passed as ``after``), so a copy waits for
   exactly what it must: when a wave ends, an event recorded on the compute stream marks the last use
   of its objects; evicting one hands that event to its slot, and the next copy into the slot waits
   on it (no write while a kernel still reads the slot, and no wait on unrelated compute).
@@ -207,7 +207,7 @@ class Prefetcher:
             keys, index_of = self._keys_at((context.layer + d) % num_layers, context.num_experts)
             per_object = scores[d - 1].sum(axis=0)
             if self.predictions is not None:
-                self.predictions.update(dict(zip(keys, per_object.tolist())))
+                self.predictions.update(zip(keys, per_object.tolist()))
             if self.config.objects_per_layer > 0:
                 issued += self._apply_prefetch(keys, index_of, per_object, tick, needed_now)
         return issued
@@ -225,14 +225,18 @@ class Prefetcher:
         if budget.max_objects == 0:
             self.phases.lap("prefetch_plan")
             return 0
-        order, in_flight = self.cache.order(group), self.cache.in_flight(group)
         # the planner sees the best absent candidates and the group's resident keys (its possible victims),
         # not the whole layer: ranking in numpy keeps the host cost flat in the number of experts
+        resident, in_flight = self.cache.resident(group), self.cache.in_flight(group)
         eligible = per_object > budget.min_score
-        eligible[[index_of[k] for k in order if k in index_of]] = False
+        eligible[[index_of[k] for k in resident if k in index_of]] = False
         eligible[[index_of[k] for k in in_flight if k in index_of]] = False
         candidates = np.flatnonzero(eligible)
+        if candidates.size == 0:  # everything worth loading is here or coming: no eviction order needed
+            self.phases.lap("prefetch_plan")
+            return 0
         best = candidates[np.argsort(-per_object[candidates], kind="stable")[: budget.max_objects]]
+        order = self.cache.order(group)
         values = per_object.tolist()
         scores = {keys[i]: values[i] for i in best.tolist()}
         scores.update((k, values[index_of[k]]) for k in order if k in index_of)
@@ -318,16 +322,14 @@ class Prefetcher:
         try:
             for key in keys:
                 pairs.append((self.homes.home(key), self.cache.begin_load(key, tick)))
+            gate = None
             if self._cuda:
                 gate = self._prefetch_gate if prefetch else self._demand_gate
                 for key in keys:
                     free = self._slot_free.pop(self.cache.slot_of(key), None)
                     if free is not None:
                         gate.wait_event(free)
-                with torch.cuda.stream(gate):
-                    handle = self._submit(keys, pairs, prefetch)
-            else:
-                handle = self._submit(keys, pairs, prefetch)
+            handle = self._submit(keys, pairs, prefetch, gate)
         except BaseException:
             for key in keys[: len(pairs)]:
                 self.cache.abort_load(key)
@@ -348,13 +350,14 @@ class Prefetcher:
             self.stats.demand_bytes += total
 
     def _submit(self, keys: Sequence[ObjectKey], pairs: list[tuple[torch.Tensor, torch.Tensor]],
-                prefetch: bool) -> TransferHandle:
-        """One plan for ``pairs`` (home -> slot row), applying the source tiers' I/O hooks (sim, faulty)."""
+                prefetch: bool, gate: torch.cuda.Stream | None) -> TransferHandle:
+        """One plan for ``pairs`` (home -> slot row), applying the source tiers' I/O hooks (sim, faulty); the
+        copies start after the work queued on ``gate``."""
         copies = []
         for key, (src, dst) in zip(keys, pairs):
             tier = self.manager.tier(self.homes.tier_of(key))
             copies.append(Copy(src, dst, (tier.on_io,) if tier.io_hooked else ()))
-        return self.manager.engine.submit(make_plan(copies), background=prefetch)
+        return self.manager.engine.submit(make_plan(copies), background=prefetch, after=gate)
 
     def _evict(self, key: ObjectKey) -> None:
         used = self._last_use.pop(key, None)

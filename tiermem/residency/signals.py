@@ -65,8 +65,8 @@ class PredictionScores:
         self._lock = threading.Lock()
         self._scores: dict[ObjectKey, float] = {}
 
-    def update(self, scores: Mapping[ObjectKey, float]) -> None:
-        """Overwrite the scores of the given keys; other keys keep theirs."""
+    def update(self, scores: Mapping[ObjectKey, float] | Iterable[tuple[ObjectKey, float]]) -> None:
+        """Overwrite the scores of the given keys (a mapping or ``(key, score)`` pairs); other keys keep theirs."""
         with self._lock:
             self._scores.update(scores)
 

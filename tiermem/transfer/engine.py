@@ -136,8 +136,12 @@ class TransferEngine:
         self._bytes_by_direction = {d.value: 0 for d in Direction}
         self._closed = False
 
-    def submit(self, plan: TransferPlan, *, background: bool = False) -> TransferHandle:
-        """Start every copy of ``plan``; returns at once. ``background`` copies use their own GPU streams."""
+    def submit(self, plan: TransferPlan, *, background: bool = False,
+               after: torch.cuda.Stream | None = None) -> TransferHandle:
+        """Start every copy of ``plan``; returns at once. ``background`` copies use their own GPU streams.
+
+        GPU copies start after the work queued so far on ``after`` (default: the device's current stream).
+        """
         if self._closed:
             raise TransferError("transfer: engine is closed; create a new TierManager")
         directions = [copy.direction for copy in plan.copies]
@@ -150,7 +154,7 @@ class TransferEngine:
         futures: list[Future] = []
         for copy, direction in zip(plan.copies, directions):
             if copy.hooks:
-                future = self._io_pool.submit(self._run_hooked, copy, direction)
+                future = self._io_pool.submit(self._run_hooked, copy, direction, after)
                 parts.append(([], [future]))
                 futures.append(future)
             elif direction is Direction.H2H:
@@ -158,7 +162,7 @@ class TransferEngine:
                 parts.append(([], pieces))
                 futures += pieces
             else:
-                events = self._enqueue_gpu(copy, direction, background, waited)
+                events = self._enqueue_gpu(copy, direction, background, waited, after)
                 parts.append((list(events.values()), []))
                 gpu_events.update(events)
         nbytes = plan.nbytes
@@ -192,20 +196,21 @@ class TransferEngine:
                     lane = self._streams[key] = (streams, itertools.count())
         return lane
 
-    def _enqueue_gpu(self, copy: Copy, direction: Direction, background: bool,
-                     waited: set[int]) -> dict[int, torch.cuda.Event]:
+    def _enqueue_gpu(self, copy: Copy, direction: Direction, background: bool, waited: set[int],
+                     after: torch.cuda.Stream | None) -> dict[int, torch.cuda.Event]:
         """Enqueue one copy's chunks; returns one event per stream used, recorded after its last chunk."""
         device = copy.dst.device if copy.dst.is_cuda else copy.src.device
         lane = Direction.H2D if direction is Direction.D2D else direction
         streams, turn = self._streams_for(device, lane, background)
         used: dict[int, torch.cuda.Stream] = {}
+        after = after or torch.cuda.current_stream(device)
         fast = cudart.available()  # the plan validated the pair: the raw runtime call is safe
         dst_ptr, src_ptr = copy.dst.data_ptr(), copy.src.data_ptr()
         for offset, size in split_chunks(copy.nbytes, self.config.chunk_bytes):
             stream = streams[next(turn) % len(streams)]
             used[id(stream)] = stream
             if id(stream) not in waited:
-                stream.wait_stream(torch.cuda.current_stream(device))
+                stream.wait_stream(after)
                 waited.add(id(stream))
             try:
                 if fast:
@@ -226,13 +231,13 @@ class TransferEngine:
         return [self._host_pool.submit(_copy_bytes, copy.dst.narrow(0, offset, size), copy.src.narrow(0, offset, size))
                 for offset, size in split_chunks(copy.nbytes, self.config.host_chunk_bytes)]
 
-    def _run_hooked(self, copy: Copy, direction: Direction) -> None:
+    def _run_hooked(self, copy: Copy, direction: Direction, after: torch.cuda.Stream | None) -> None:
         for hook in copy.hooks:
             hook(copy.nbytes)
         if direction is Direction.H2H:
             _copy_bytes(copy.dst, copy.src)
             return
-        for event in self._enqueue_gpu(copy, direction, False, set()).values():
+        for event in self._enqueue_gpu(copy, direction, False, set(), after).values():
             event.synchronize()
 
 

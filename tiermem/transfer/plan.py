@@ -34,7 +34,9 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
             f"transfer: tensor of shape {tuple(tensor.shape)} is not contiguous; transfers move whole "
             "contiguous objects (call .contiguous() into a tiermem tensor first)"
         )
-    return tensor.reshape(-1).view(torch.uint8) if tensor.dtype != torch.uint8 else tensor.reshape(-1)
+    if tensor.dtype == torch.uint8:
+        return tensor if tensor.dim() == 1 else tensor.reshape(-1)
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +91,8 @@ def make_plan(pairs: Iterable[tuple[torch.Tensor, torch.Tensor] | Copy]) -> Tran
             _require_pinned(copy.src, "source", src_bytes)
         elif direction is Direction.D2H:
             _require_pinned(copy.dst, "destination", dst_bytes)
-        copies.append(Copy(as_bytes(copy.src), as_bytes(copy.dst), copy.hooks))
+        src, dst = as_bytes(copy.src), as_bytes(copy.dst)
+        copies.append(copy if src is copy.src and dst is copy.dst else Copy(src, dst, copy.hooks))
     return TransferPlan(tuple(copies))
 
 
