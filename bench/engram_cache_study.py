@@ -1,11 +1,11 @@
 """Hit rates of a frequency-chosen HBM hot-row cache for Engram-27B heads, on a real token stream (CPU).
 
 The stream is a ``.npz`` with ``tokens`` (int), ``doc_offsets`` and optionally ``compression`` (raw id
--> compressed id). Rows are chosen from the even documents and the hit rate is measured on the odd
+-> compressed id), or a corpus folder (``tokens.npy``, ``doc_offsets.npy``; e.g. ``.moe_lm``). Rows are chosen from the even documents and the hit rate is measured on the odd
 ones, for caches of 0.1%, 1% and 10% of a layer's rows; row contents do not matter, so the tables
 are zero-filled host tensors and the lookup runs on the CPU.
 
-Run: PYTHONPATH=. python bench/engram_cache_study.py TOKENS.npz --out cache.jsonl
+Run: PYTHONPATH=. python bench/engram_cache_study.py TOKENS.npz|.moe_lm --out cache.jsonl
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tiermem.bench.engram_model import SHAPES
+from tiermem.bench.engram_stream import Corpus
 from tiermem.engram import (
     EngramLookup,
     EngramLookupConfig,
@@ -37,7 +38,11 @@ ENGRAM27B_ROW_BYTES = 160
 
 def cache_study(path: Path, write) -> None:
     """Write one ``cache_stream`` record per layer and one ``cache_study`` record per layer and size."""
-    data = np.load(path)
+    if path.is_dir():
+        corpus = Corpus.load(path)
+        data = {"tokens": corpus.tokens, "doc_offsets": corpus.doc_offsets}
+    else:
+        data = dict(np.load(path))
     compression = torch.from_numpy(data["compression"]).long() if "compression" in data else None
     vocab = int(compression.max()) + 1 if compression is not None else int(data["tokens"].max()) + 1
     config = dataclasses.replace(SHAPES["engram27b"].hash, vocab_size=vocab, pad_id=0)
@@ -73,7 +78,7 @@ def cache_study(path: Path, write) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("stream", type=Path, help="token-stream .npz (tokens, doc_offsets[, compression])")
+    parser.add_argument("stream", type=Path, help="token-stream .npz (tokens, doc_offsets[, compression]) or corpus folder")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines output path")
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,43 @@ def test_fused_kernel_gathers_the_rows_the_torch_hasher_names():
     """)
 
 
+def test_fused_kernel_with_a_cache_gives_the_table_rows_and_counts_hits_and_misses():
+    run_in_interpreter("""
+        import torch
+        from tiermem.engram import EngramHashConfig, EngramTable, HotRowCache, NgramHasher, TableLayout
+        from tiermem.engram.gather import hash_gather
+        RAW_VOCAB, VOCAB = 500, 300
+        generator = torch.Generator().manual_seed(0)
+        for compression in (None, torch.arange(RAW_VOCAB) % VOCAB):
+            for order in (2, 3):
+                config = EngramHashConfig(vocab_size=VOCAB, layer_ids=(2,), rows_per_head=(101,) * (order - 1),
+                                          heads_per_order=3, max_ngram_order=order)
+                hasher = NgramHasher(config, compression)
+                rows = hasher.rows_for_layer(2)
+                # positions == window: the first positions hash with pad tokens; sequences 0 and 1 are equal
+                for batch, window, positions, row_bytes in ((4, 5, 5, 160), (6, 4, 1, 264), (3, 3, 3, 6)):
+                    ids = torch.randint(0, RAW_VOCAB if compression is not None else VOCAB, (batch, window),
+                                        dtype=torch.int32, generator=generator)
+                    ids[1] = ids[0]
+                    indices = hasher.hash(ids, positions)[2].reshape(-1)
+                    storage = torch.randint(0, 256, (rows, row_bytes), dtype=torch.uint8, generator=generator)
+                    table = EngramTable(storage, TableLayout(rows, row_bytes // 2))
+                    requested = torch.unique(indices)
+                    unrequested = torch.tensor(sorted(set(range(rows)) - set(requested.tolist()))[:7])
+                    cache = HotRowCache(table, torch.cat([requested[::2], unrequested]), "cpu")
+                    hits = int(torch.isin(indices, cache.ids).sum())
+                    assert 0 < hits < indices.numel() and indices.numel() > requested.numel()
+                    out = torch.zeros(indices.numel(), row_bytes, dtype=torch.uint8)
+                    counters = torch.zeros(3, dtype=torch.int64)
+                    hash_gather(storage, ids, positions, hasher.layer_constants(2, ids.device),
+                                config.heads_per_order, out, counters, max_programs=2, cache=cache)
+                    assert torch.equal(out, storage[indices]), (order, batch, row_bytes)
+                    assert counters.tolist() == [indices.numel(), 0, indices.numel() - hits]
+                    assert cache.counts.tolist() == [indices.numel(), hits]
+        print("ok")
+    """)
+
+
 def test_row_gather_with_fewer_programs_than_blocks_still_copies_every_row():
     run_in_interpreter("""
         import torch

@@ -201,21 +201,29 @@ def test_gpu_gather_from_pageable_host_memory_is_refused():
 
 
 @pytest.mark.gpu
-def test_uva_lookup_replays_inside_a_cuda_graph():
+@pytest.mark.parametrize("cached", [False, True])
+def test_uva_lookup_replays_inside_a_cuda_graph(cached):
     pytest.importorskip("triton")
     hasher = NgramHasher(HASH)
     host = build_tables(hasher, RowFormat.BF16, lambda layer, layout: torch.empty(
         layout.num_rows, layout.row_bytes, dtype=torch.uint8, pin_memory=True))
-    with EngramLookup(hasher, host, EngramLookupConfig(method=GatherMethod.UVA)) as lookup:
+    warmup = hasher.hash(random_ids(64, seed=1), WINDOW)
+    caches = {layer: HotRowCache.from_observed(host[layer], warmup[layer], 60, "cuda")
+              for layer in HASH.layer_ids} if cached else None
+    with EngramLookup(hasher, host, EngramLookupConfig(method=GatherMethod.UVA), caches=caches) as lookup:
+        assert all(lookup.fused.values())  # a cache no longer takes a layer off the fused kernel
         static_ids = random_ids().cuda()
         rows_of(lookup, static_ids)  # warm-up: constants on the device, kernel compiled
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             rows = rows_of(lookup, static_ids)
+        before = {layer: c.stats() for layer, c in (caches or {}).items()}
         for seed in (3, 4):
             static_ids.copy_(random_ids(seed=seed))
             graph.replay()
             torch.cuda.synchronize()
             indices = hasher.hash(static_ids.cpu())
             assert all(torch.equal(rows[layer].cpu(), host[layer].read_rows(indices[layer])) for layer in rows)
+        for layer, cache in (caches or {}).items():  # the replays counted every probe (two steps of rows)
+            assert cache.stats().probed_rows - before[layer].probed_rows == 2 * BATCH * HASH.heads_per_layer

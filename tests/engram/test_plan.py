@@ -74,3 +74,22 @@ def test_cache_refuses_no_rows_and_rows_outside_the_table():
         HotRowCache.from_observed(table, torch.tensor([1]), capacity_rows=0, device="cpu")
     with pytest.raises(TransferError):
         HotRowCache(table, torch.tensor([ROWS]), "cpu")
+
+
+def test_cache_from_counts_skips_rows_never_looked_up_and_breaks_ties_by_row_id():
+    table = EngramTable.filled(TableLayout(ROWS, DIM))
+    counts = torch.zeros(ROWS, dtype=torch.int64)
+    counts[[4, 9, 30]] = torch.tensor([2, 5, 2])
+    assert HotRowCache.from_counts(table, counts, capacity_rows=2, device="cpu").ids.tolist() == [4, 9]
+    cache = HotRowCache.from_counts(table, counts, capacity_rows=10, device="cpu")
+    assert cache.ids.tolist() == [4, 9, 30]
+    assert cache.nbytes == 3 * table.layout.row_bytes + cache.row_map.nbytes + 2 * 8
+
+
+def test_cache_probe_finds_each_cached_row_in_its_slot_and_nothing_else():
+    table = EngramTable.filled(TableLayout(ROWS, DIM), seed=2)
+    cache = HotRowCache(table, torch.tensor(CACHED_ROWS), "cpu")
+    unique = torch.arange(ROWS)
+    hit, slot = cache.probe(unique, unique != CACHED_ROWS[0])
+    assert torch.nonzero(hit).reshape(-1).tolist() == list(CACHED_ROWS[1:])
+    assert torch.equal(cache.rows[slot[hit]], table.storage[unique[hit]])

@@ -5,22 +5,35 @@ GPU, never with CPU random numbers), placed once in pinned host memory (the ``dr
 TierManager) and once in HBM. The rows each host variant gathers are first checked equal to the
 resident rows (decode batch and a prefill chunk); only then is anything timed. Per decode batch:
 
-| record    | what                                                                             |
-|-----------|----------------------------------------------------------------------------------|
-| batch     | rows per step and distinct rows among them (hashed on the host, off the clock)    |
-| lookup    | tokens known -> rows ready, alone: eager (launches included) and CUDA-graph time |
-| step      | a whole decode step, eager (one sync per step, stall per Engram layer) and graph |
-| verdict   | step-time overhead vs the resident table, against the target (<= 2% at <= 256)  |
+| record     | what                                                                            |
+|------------|---------------------------------------------------------------------------------|
+| cache      | per cache fraction and layer: rows cached, HBM bytes (rows + row map), profiling |
+| batch      | rows per step and distinct rows among them (hashed on the host, off the clock)   |
+| lookup     | tokens known -> rows ready, alone: eager (launches included) and CUDA-graph      |
+|            | time; rows per step read from the table (requested, or distinct where the path   |
+|            | de-duplicates, less cache hits)                                                  |
+| cache_hits | per cached variant, batch and layer: share of probed rows served from HBM (the   |
+|            | fused kernel probes every requested row; de-duplicating paths each distinct row) |
+| step       | a whole decode step, eager (one sync per step, stall per Engram layer) and graph |
+| verdict    | step-time overhead vs the resident table, against the target (<= 2% at <= 256)  |
+
+Token streams (``engram_stream``): with ``--corpus DIR`` every decode step gives each sequence the
+next token of a real document (odd documents of the corpus), and hot-row caches are chosen from the
+even documents, so no measured text was profiled; without it, uniform random ids (records say
+which in ``stream``).
 
 Variants (``--methods``) fix how a host table is read, whatever ``auto`` would pick: ``uva`` (one
 fused hash + gather kernel per layer on a few CTAs), ``uva-high`` (the same on a high-priority side
 stream), ``uva-burst`` (the same, high priority, one CTA per block of rows: the whole GPU for a short
 burst instead of a few SMs for long, since a one-wave GEMM that finds one SM busy runs a second wave),
 ``uva-unfused`` (the first run's path: torch hashing, sort-based de-duplication, a gather
-kernel over the whole GPU), ``staged`` (CPU gather into pinned staging + one copy). ``resident`` (the
+kernel over the whole GPU), ``staged`` (CPU gather into pinned staging + one copy). Variants
+ending in ``-cache`` add an HBM hot-row cache per layer (``HotRowCache``, probed inside the fused
+kernel; ``staged-cache`` takes hits out on the host plan) of each ``--cache-fractions`` of a
+layer's rows, named ``<variant>@<fraction>``; they need ``--corpus``. ``resident`` (the
 baseline) uses the fused kernel on the HBM table, ``none`` is the backbone without Engram. Methods
 alternate within each of three rounds, so drift of clocks or host load hits all alike. The run ends
-with a table of verdicts.
+with a table of verdicts and one of cache hit rates.
 """
 
 from __future__ import annotations
@@ -28,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
-import json
 import platform
 import statistics
 import sys
@@ -48,30 +60,23 @@ from tiermem.bench.engram_model import (
     lookup_alone,
     percentile,
     scaled,
-    sync,
 )
-from tiermem.engram import (
-    EngramLookup,
-    EngramLookupConfig,
-    EngramTable,
-    GatherMethod,
-    NgramHasher,
-    StreamPriority,
-    TableLayout,
+from tiermem.bench.engram_report import ACCEPT_MAX_BATCH, ACCEPT_MAX_OVERHEAD_PCT, Results, hit_table, verdict_table
+from tiermem.bench.engram_stream import Corpus, CorpusStream, RandomStream
+from tiermem.bench.engram_variants import (
+    VARIANTS,
+    build_cache_sets,
+    build_tables,
+    capturable,
+    check_rows,
+    ids_for,
+    make_lookups,
 )
+from tiermem.engram import EngramLookup, GatherMethod, NgramHasher, TableLayout
 from tiermem.errors import TierMemError
 from tiermem.manager import TierManager
 
-ACCEPT_MAX_BATCH = 256
-ACCEPT_MAX_OVERHEAD_PCT = 2.0
 ROUNDS = 3
-VARIANTS = {  # name -> (gather method, config overrides)
-    "uva": (GatherMethod.UVA, {}),
-    "uva-high": (GatherMethod.UVA, {"side_stream_priority": StreamPriority.HIGH}),
-    "uva-burst": (GatherMethod.UVA, {"side_stream_priority": StreamPriority.HIGH, "gather_max_programs": 1 << 16}),
-    "uva-unfused": (GatherMethod.UVA, {"fuse_hash_gather": False, "gather_max_programs": 1 << 16}),
-    "staged": (GatherMethod.STAGED, {}),
-}
 PRESETS = {  # table fraction, model divisor, batches, timed steps, warm-up steps
     "full": (1.0, 1, (1, 8, 32, 64, 128, 256, 512), 60, 8),
     "quick": (1 / 16, 1, (1, 64, 256), 15, 3),
@@ -79,122 +84,42 @@ PRESETS = {  # table fraction, model divisor, batches, timed steps, warm-up step
 }
 
 
-class Results:
-    """JSON lines to ``path``, one object per measurement, a compact line on stdout, verdicts kept."""
-
-    SHOWN = ("lookup", "step", "verdict", "error")
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("w")
-        self.errors = 0
-        self.verdicts: list[dict] = []
-
-    def write(self, **record) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if record["kind"] == "verdict":
-            self.verdicts.append(record)
-        if record["kind"] in self.SHOWN:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-
-
-def build_tables(shape: Shape, hasher: NgramHasher, tm: TierManager, device: torch.device, out: Results):
-    host, resident = {}, {}
-    for layer in shape.hash.layer_ids:
-        layout = TableLayout(hasher.rows_for_layer(layer), shape.row_dim, shape.row_format)
-        start = time.perf_counter()
-        storage = tm.empty((layout.num_rows, layout.row_bytes), tier="dram")
-        allocated = time.perf_counter()
-        host[layer] = EngramTable.filled(layout, storage=storage, seed=layer, work_device=device, name=f"layer{layer}")
-        filled = time.perf_counter()
-        resident[layer] = host[layer].copy_to(torch.empty_like(storage, device=device))
-        sync(device)
-        out.write(kind="setup", shape=shape.name, layer=layer, rows=layout.num_rows, row_bytes=layout.row_bytes,
-                  table_bytes=layout.nbytes, host_alloc_s=allocated - start, fill_s=filled - allocated,
-                  resident_copy_s=time.perf_counter() - filled, host_pinned=host[layer].is_pinned,
-                  auto_would_pick="uva" if layout.row_bytes >= EngramLookupConfig().uva_min_row_bytes else "staged")
-    return host, resident
-
-
-def check_rows(shape: Shape, lookups: dict, batch: int, device: torch.device, out: Results) -> set[str]:
-    """Variants whose rows equal the resident rows bit for bit (decode batch and a prefill chunk)."""
-    window = shape.hash.max_ngram_order
-    sequences = min(4, batch)
-    positions = batch // sequences
-    cases = {"decode": (torch.randint(0, VOCAB, (batch, window)), 1),
-             "prefill": (torch.randint(0, VOCAB, (sequences, positions + window)), positions)}
-    good = set()
-    for method, lookup in lookups.items():
-        equal = True
-        for case, (ids, positions) in cases.items():
-            expected = {k: h.wait() for k, h in lookups["resident"].submit(ids.to(device), positions).items()}
-            got = {k: h.wait() for k, h in lookup.submit(_ids_for(lookup, ids, device), positions).items()}
-            sync(device)
-            same = all(torch.equal(got[k], expected[k]) for k in expected)
-            out.write(kind="correctness", shape=shape.name, method=method, case=case, tokens=ids.shape[0] * positions,
-                      fused=sorted(k for k, fused in lookup.fused.items() if fused), equal=same)
-            equal = equal and same
-        if equal:
-            good.add(method)
-        else:
-            out.errors += 1
-    return good
-
-
-def _ids_for(lookup: EngramLookup, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Staged lookups hash on the host (the scheduler has the tokens there); the others on the device."""
-    staged = GatherMethod.STAGED in lookup.methods.values() and device.type == "cuda"
-    return ids if staged else ids.to(device)
-
-
-def _capturable(lookup: EngramLookup | None) -> bool:
-    return lookup is None or GatherMethod.STAGED not in lookup.methods.values()
-
-
 def run_shape(shape: Shape, args: argparse.Namespace, device: torch.device, out: Results) -> None:
     hasher = NgramHasher(shape.hash)
     row_bytes = TableLayout(1, shape.row_dim, shape.row_format).row_bytes
     table_bytes = sum(hasher.rows_for_layer(layer) for layer in shape.hash.layer_ids) * row_bytes
-    dtype = torch.bfloat16
+    stream = CorpusStream(args.corpus) if args.corpus is not None else RandomStream(VOCAB)
     with TierManager.from_config({"tiers": [{"kind": "dram", "capacity_bytes": table_bytes + (1 << 30)}]}) as tm:
         host, resident = build_tables(shape, hasher, tm, device, out)
-        config = EngramLookupConfig(max_tokens_per_submit=max(args.batches), fuse_hash_gather=not args.no_fuse)
-        lookups = {"resident": EngramLookup(hasher, resident, config, device=device, out_dtype=dtype)}
-        for name in args.methods:
-            method, overrides = VARIANTS[name]
-            try:
-                lookups[name] = EngramLookup(hasher, host, dataclasses.replace(config, method=method, **overrides),
-                                             device=device, out_dtype=dtype)
-            except TierMemError as exc:  # e.g. no Triton for uva: report it, measure the others
-                out.errors += 1
-                out.write(kind="error", shape=shape.name, method=name, error=str(exc))
-        good = check_rows(shape, lookups, max(args.batches), device, out)
-        model = Backbone(shape, device, dtype)
+        caches = build_cache_sets(shape, hasher, host, args, device, out)
+        lookups = make_lookups(hasher, host, resident, caches, args, device, out, shape)
+        good = check_rows(shape, lookups, max(args.batches), stream, device, out)
+        model = Backbone(shape, device, torch.bfloat16)
         for batch in args.batches:
-            measure_batch(shape, hasher, model, {m: lookups[m] for m in lookups if m in good}, batch, args, device, out)
+            measure_batch(shape, hasher, model, {m: lookups[m] for m in lookups if m in good}, batch, stream, args,
+                          device, out)
         for lookup in lookups.values():
             lookup.close()
-        del model, lookups, host, resident
+        del model, lookups, host, resident, caches
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def measure_batch(shape: Shape, hasher: NgramHasher, model: Backbone, lookups: dict, batch: int,
+def measure_batch(shape: Shape, hasher: NgramHasher, model: Backbone, lookups: dict, batch: int, stream,
                   args: argparse.Namespace, device: torch.device, out: Results) -> None:
     """Lookup alone, then eager and graph decode steps; methods alternate within each of ROUNDS rounds."""
     window, total = shape.hash.max_ngram_order, args.steps + args.warmup
-    host_seq = [torch.randint(0, VOCAB, (batch, window)) for _ in range(total)]
+    host_seq = stream.decode_windows(batch, window, total)
     device_seq = [ids.to(device) for ids in host_seq]
-    feeds = {m: [_ids_for(lookup, ids, device) for ids in host_seq] for m, lookup in lookups.items()}
+    feeds = {m: [ids_for(lookup, ids, device) for ids in host_seq] for m, lookup in lookups.items()}
     feeds["none"] = device_seq
     live = ["none", *lookups]
     lookups = {"none": None, **lookups}
-    tag = {"shape": shape.name, "batch": batch}
+    tag = {"shape": shape.name, "batch": batch, "stream": args.stream_kind}
     distinct = [sum(torch.unique(i).numel() for i in hasher.hash(ids).values()) for ids in host_seq]
     rows_per_step = batch * shape.hash.heads_per_layer * len(shape.hash.layer_ids)
     out.write(kind="batch", **tag, rows_per_step=rows_per_step, distinct_rows_per_step=statistics.fmean(distinct),
-              token_source="uniform random ids")
+              token_source=stream.label)
     graphs = device.type == "cuda" and not args.no_graphs
 
     def attempt(method: str, action, *arguments, drop: bool = True):
@@ -208,14 +133,24 @@ def measure_batch(shape: Shape, hasher: NgramHasher, model: Backbone, lookups: d
             return None
 
     for method in live[1:]:
-        times = attempt(method, lookup_alone, lookups[method], feeds[method], device, args.warmup)
-        captured = attempt(method, Captured.lookup, lookups[method], device_seq[0], drop=False) \
-            if graphs and _capturable(lookups[method]) and times is not None else None
-        if times is not None:
-            p50 = percentile(times, 0.5)
-            out.write(kind="lookup", method=method, **tag, rows_per_step=rows_per_step, eager_us_p50=p50 * 1e6,
-                      eager_us_p90=percentile(times, 0.9) * 1e6, rows_per_s=rows_per_step / p50,
-                      graph_us=captured.replay_us(device_seq, args.warmup) if captured else None)
+        lookup = lookups[method]
+        before = _counters(lookup)
+        times = attempt(method, lookup_alone, lookup, feeds[method], device, args.warmup)
+        after = _counters(lookup)
+        captured = attempt(method, Captured.lookup, lookup, device_seq[0], drop=False) \
+            if graphs and capturable(lookup) and times is not None else None
+        if times is None:
+            continue
+        p50 = percentile(times, 0.5)
+        table_rows = sum(after[k][0] - before[k][0] for k in after) / total
+        out.write(kind="lookup", method=method, **tag, rows_per_step=rows_per_step, table_rows_per_step=table_rows,
+                  eager_us_p50=p50 * 1e6, eager_us_p90=percentile(times, 0.9) * 1e6, rows_per_s=rows_per_step / p50,
+                  graph_us=captured.replay_us(device_seq, args.warmup) if captured else None)
+        for layer, cache in lookup.caches.items():
+            probed, hits = (after[layer][1 + i] - before[layer][1 + i] for i in range(2))
+            out.write(kind="cache_hits", method=method, **tag, layer=layer, probed_rows=probed, hit_rows=hits,
+                      hit_rate=hits / probed if probed else 0.0, cache_rows=cache.capacity_rows,
+                      cache_bytes=cache.nbytes, probed="requested rows" if lookup.fused[layer] else "distinct rows")
     states = {m: {k: model.engrams[str(k)].new_conv_state(batch) for k in shape.hash.layer_ids} for m in live}
     eager = {m: ([], []) for m in live}
     for round_index in range(ROUNDS):
@@ -234,7 +169,7 @@ def measure_batch(shape: Shape, hasher: NgramHasher, model: Backbone, lookups: d
                   step_us_p90=percentile(times, 0.9) * 1e6, stall_us_per_engram_layer=stall)
     if graphs:
         captured = {m: attempt(m, Captured.step, model, lookups[m], device_seq[0], states[m])
-                    for m in list(live) if _capturable(lookups[m])}
+                    for m in list(live) if capturable(lookups[m])}
         rounds = {m: [] for m, graph in captured.items() if graph is not None}
         for round_index in range(ROUNDS):
             for method in _rotated(list(rounds), round_index):
@@ -256,32 +191,24 @@ def measure_batch(shape: Shape, hasher: NgramHasher, model: Backbone, lookups: d
                   meets_target=None if batch > ACCEPT_MAX_BATCH else overhead <= ACCEPT_MAX_OVERHEAD_PCT)
 
 
-def verdict_table(verdicts: list[dict]) -> str:
-    """Overhead vs resident per (shape, mode, method) row and batch column; * marks a missed target."""
-    batches = sorted({v["batch"] for v in verdicts})
-    rows: dict[tuple, dict] = {}
-    for v in verdicts:
-        rows.setdefault((v["shape"], v["mode"], v["method"]), {})[v["batch"]] = v
-    head = f"{'shape':<10} {'mode':<6} {'method':<12}" + "".join(f"{b:>9}" for b in batches) + "  target met"
-    title = (f"step overhead vs HBM-resident table, % (target <= {ACCEPT_MAX_OVERHEAD_PCT:g}% at batch <= "
-             f"{ACCEPT_MAX_BATCH}; * = missed)")
-    lines = [title, head]
-    for (shape, mode, method), cells in rows.items():
-        text = "".join(f"{_cell(cells.get(b)):>9}" for b in batches)
-        judged = [c["meets_target"] for c in cells.values() if c["meets_target"] is not None]
-        lines.append(f"{shape:<10} {mode:<6} {method:<12}{text}  {sum(judged)}/{len(judged)}")
-    return "\n".join(lines)
-
-
-def _cell(verdict: dict | None) -> str:
-    if verdict is None:
-        return "-"
-    return f"{verdict['overhead_vs_resident_pct']:+.1f}{'*' if verdict['meets_target'] is False else ''}"
+def _counters(lookup: EngramLookup) -> dict[int, tuple[int, int, int]]:
+    """Per layer: rows read from the table, and the cache's probed and hit rows (0 without a cache); a sync."""
+    stats = lookup.stats()
+    counts = {layer: lookup.caches[layer].stats() for layer in lookup.caches}
+    return {layer: (s.fetched_rows, *((counts[layer].probed_rows, counts[layer].hit_rows) if layer in counts
+                                      else (0, 0))) for layer, s in stats.items()}
 
 
 def _rotated(items: list, shift: int) -> list:
     shift %= max(1, len(items))
     return items[shift:] + items[:shift]
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    fractions = tuple(float(f) for f in text.split(",") if f)
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"cache fractions must be in (0, 1], got {text!r}")
+    return fractions
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -293,6 +220,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="uva,staged", help=f"host-table variants, comma list of {sorted(VARIANTS)}")
     parser.add_argument("--batches", default=None, help="comma list of decode batch sizes (default: preset)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: preset)")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="token corpus folder (tokens.npy, doc_offsets.npy; e.g. .moe_lm from `python -m "
+                             "bench.moe_lm.corpus`): decode steps walk its odd documents and caches are chosen "
+                             "from its even ones; default: uniform random ids, no cached variants")
+    parser.add_argument("--cache-fractions", type=_fractions, default=(0.01,),
+                        help="comma list of hot-row cache sizes for the *-cache variants, as fractions of a "
+                             "layer's rows (0.01 = 1%%: 362k rows, 58 MB of rows per Engram-27B layer)")
+    parser.add_argument("--profile-tokens", type=int, default=None,
+                        help="stop profiling the cache after this many tokens of the even documents (default: all)")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     parser.add_argument("--no-fuse", action="store_true", help="torch hashing for every lookup, resident included "
                                                                 "(the first run's baseline)")
@@ -314,13 +250,20 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"engram bench: unknown variants {unknown}; choose from {sorted(VARIANTS)}", file=sys.stderr)
         return 2
-    args.methods = [m for m in args.methods.split(",") if m and (args.device != "cpu" or m == "staged")]
+    on_cpu = args.device == "cpu"
+    args.methods = [m for m in args.methods.split(",") if m and (not on_cpu or VARIANTS[m].method is GatherMethod.STAGED)]
     args.batches = tuple(int(b) for b in args.batches.split(",")) if isinstance(args.batches, str) else batches
     args.steps, args.warmup = args.steps or steps, warmup
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("engram bench: no CUDA device here; use --smoke --device cpu to check the logic", file=sys.stderr)
         return 2
+    try:
+        args.corpus = Corpus.load(args.corpus) if args.corpus is not None else None
+    except TierMemError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    args.stream_kind = "random" if args.corpus is None else f"corpus:{args.corpus.source}"
     torch.manual_seed(0)
     out = Results(args.out)
     try:
@@ -330,7 +273,9 @@ def run(args: argparse.Namespace) -> int:
     out.write(kind="meta", command=" ".join(sys.argv), torch=torch.__version__, triton=triton_version,
               cuda=torch.version.cuda, device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
               host_threads=torch.get_num_threads(), tier="dram", emulated=False, batches=list(args.batches),
-              steps=args.steps, methods=args.methods,
+              steps=args.steps, methods=args.methods, stream=args.stream_kind,
+              corpus_docs=None if args.corpus is None else args.corpus.num_docs,
+              cache_fractions=list(args.cache_fractions),
               shapes=[dataclasses.asdict(s) | {"row_format": s.row_format.value} for s in shapes])
     started = time.perf_counter()
     with torch.inference_mode():
@@ -338,7 +283,10 @@ def run(args: argparse.Namespace) -> int:
             run_shape(shape, args, device, out)
     out.write(kind="done", seconds=time.perf_counter() - started, errors=out.errors)
     print(verdict_table(out.verdicts))
-    print(f"engram bench: {args.out} written in {time.perf_counter() - started:.0f} s, {out.errors} errors")
+    if out.cache_hits:
+        print(hit_table(out.cache_hits))
+    print(f"engram bench: {args.out} written in {time.perf_counter() - started:.0f} s, {out.errors} errors, "
+          f"stream {args.stream_kind}")
     return 1 if out.errors else 0
 
 

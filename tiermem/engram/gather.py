@@ -5,7 +5,8 @@
   one 8/4/2/1-byte word; it pays off for rows of ~512 B and more (measured on the H100: 45.8 GB/s at
   1 KiB rows, 3.9 GB/s at 64 B rows).
 - ``hash_gather`` hashes a layer's n-grams and gathers the rows in one kernel (no index tensor, no
-  de-duplication), from HBM or pinned host memory alike.
+  de-duplication), from HBM or pinned host memory alike; with a hot-row cache, rows it holds come
+  from HBM and only misses read the table (same launch).
 - GPU gathers run on at most ``max_programs`` Triton programs (CTAs) that loop over the rows: a
   host-memory gather waits on the link, and the SMs it does not hold stay with the model.
 - ``staged_gather`` is a multi-threaded ``index_select`` into a (pinned) staging buffer; the
@@ -23,7 +24,9 @@ import importlib.util
 
 import torch
 
+from tiermem.engram.cache import HotRowCache
 from tiermem.engram.hashing import LayerHashConstants
+from tiermem.engram.rowmap import HASH_MULTIPLIER
 from tiermem.errors import ConfigError, TransferError
 
 UVA_KERNEL_MODULE = "tiermem.engram.uva_kernel"  # imports Triton (the optional [gpu] extra): loaded on first use
@@ -62,19 +65,22 @@ def uva_gather(table: torch.Tensor, indices: torch.Tensor, count: torch.Tensor, 
 
 
 def hash_gather(table: torch.Tensor, ids: torch.Tensor, num_positions: int, constants: LayerHashConstants,
-                heads_per_order: int, out: torch.Tensor, counters: torch.Tensor, *, max_programs: int) -> None:
+                heads_per_order: int, out: torch.Tensor, counters: torch.Tensor, *, max_programs: int,
+                cache: HotRowCache | None = None) -> None:
     """``out[r]`` = the table row that ``NgramHasher.hash`` gives for row ``r`` of the last positions.
 
     ``ids`` is int ``[B, T]`` on the GPU; rows ``r`` run over (sequence, position, head), the order
     of ``hash(ids, num_positions)[layer].reshape(-1)``. ``table`` is uint8 ``[rows, row_bytes]`` in
     HBM or pinned host memory; ``out`` is ``[B * num_positions * heads, row_bytes]`` bytes (any dtype
-    viewable so); ``counters`` (int64 ``[3]``) gains the rows requested (``[0]``) and fetched
-    (``[2]``). Launched on the current stream; CUDA-graph capturable; ids must be token ids (with
-    a compression table, ids outside it hash as the pad token).
+    viewable so); ``counters`` (int64 ``[3]``) gains the rows requested (``[0]``) and read from the
+    table (``[2]``). With ``cache`` (on the device of ``out``), rows it holds are copied from HBM
+    and counted in its ``counts``; the output is the same bytes either way. Launched on the
+    current stream; CUDA-graph capturable; ids must be token ids (with a compression table, ids
+    outside it hash as the pad token).
     """
     if ids.device.type == "cuda":
         _check_readable(table)
-    word = word_bytes(table)
+    word = word_bytes(table) if cache is None else min(word_bytes(table), word_bytes(cache.rows))
     words_per_row = table.shape[1] // word
     if words_per_row > MAX_ROW_WORDS:
         raise ConfigError(f"engram hash gather: rows of {table.shape[1]} bytes exceed {MAX_ROW_WORDS} words of "
@@ -85,13 +91,20 @@ def hash_gather(table: torch.Tensor, ids: torch.Tensor, num_positions: int, cons
     block_rows = max(1, UVA_BLOCK_WORDS // block_words)
     grid = (max(1, min(max_programs, -(-total_rows // block_rows))),)
     compression = constants.compression if constants.compression is not None else constants.primes
+    out_words = out.view(torch.uint8).view(-1, table.shape[1]).view(_WORD_DTYPES[word])
+    if cache is None:  # the kernel never reads the cache arguments then: stand-ins of the right kinds
+        row_map, cached_rows, cache_counts, bits, max_probes = counters, out_words, counters, 1, 0
+    else:
+        row_map, cached_rows, cache_counts = cache.row_map.packed(), cache.rows.view(out_words.dtype), cache.counts
+        bits, max_probes = cache.row_map.bits, cache.row_map.max_probes
     _kernel("hash_gather_kernel")[grid](
         ids.contiguous(), compression, constants.multipliers, constants.primes, constants.offsets, table.data_ptr(),
-        out.view(torch.uint8).view(-1, table.shape[1]).view(_WORD_DTYPES[word]), counters, ids.shape[1],
-        num_positions, total_rows, constants.raw_vocab_size, constants.pad_id, words_per_row,
+        out_words, counters, row_map, cached_rows, cache_counts,
+        ids.shape[1], num_positions, total_rows, constants.raw_vocab_size, constants.pad_id, words_per_row,
+        64 - bits, (1 << bits) - 1, max_probes, HASH_MULTIPLIER,
         ORDER=constants.multipliers.numel(), HEADS=heads, HEADS_PER_ORDER=heads_per_order,
-        COMPRESSED=constants.compression is not None, BLOCK_ROWS=block_rows, BLOCK_WORDS=block_words,
-        num_warps=UVA_NUM_WARPS)
+        COMPRESSED=constants.compression is not None, HAS_CACHE=cache is not None, BLOCK_ROWS=block_rows,
+        BLOCK_WORDS=block_words, num_warps=UVA_NUM_WARPS)
 
 
 def _next_power_of_2(n: int) -> int:

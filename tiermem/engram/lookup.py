@@ -12,11 +12,13 @@ How rows move depends on where the table lives (``GatherMethod``, chosen per lay
 | staged   | pinned host memory    | CPU (worker)      | CPU gather into pinned staging (de-duplicated)   |
 |          |                       |                   | + one copy to the device                         |
 
-The fused kernel needs Triton; without it (or with ``fuse_hash_gather=False``, or a hot-row cache
-on the layer) GPU layers hash with torch, and uva layers de-duplicate the batch (a sort) before a
-gather kernel. De-duplication only saves link bytes when a batch repeats rows, which decode
-batches rarely do (distinct rows per step ~= requested rows on random and real text alike), and
-it costs ~10 small kernels per layer. GPU gathers run on at most ``gather_max_programs`` CTAs.
+A layer's optional hot-row cache (HBM copies of its most frequent rows) is probed inside the
+fused kernel, so only misses cross the link; on the other paths ``plan_fetch`` takes hits out of
+the de-duplicated rows. The fused kernel needs Triton; without it (or with
+``fuse_hash_gather=False``) GPU layers hash with torch, and uva layers de-duplicate the batch (a
+sort) before a gather kernel. De-duplication only saves link bytes when a batch repeats rows,
+which decode batches rarely do (distinct rows per step ~= requested rows on random and real text
+alike), and it costs ~10 small kernels per layer. GPU gathers run on at most ``gather_max_programs`` CTAs.
 
 Concurrency: GPU work goes on one side stream that first waits for the submitting stream; every
 layer records its own event. Staged layers run in one named worker thread, in layer order; a
@@ -43,6 +45,7 @@ import torch
 from tiermem.config import option, require
 from tiermem.engram.cache import HotRowCache
 from tiermem.engram.gather import hash_gather, staged_gather, uva_available, uva_gather
+from tiermem.engram.handle import LayerLookupStats, LookupHandle, resolved
 from tiermem.engram.hashing import NgramHasher
 from tiermem.engram.plan import FetchPlan, plan_fetch
 from tiermem.engram.table import EngramTable, RowFormat, decode_rows
@@ -93,43 +96,6 @@ class EngramLookupConfig:
         require(self.staging_slots >= 1, self, f"staging_slots must be >= 1, got {self.staging_slots}")
         require(self.gather_max_programs >= 1, self,
                 f"gather_max_programs must be >= 1, got {self.gather_max_programs}")
-
-
-@dataclass(frozen=True)
-class LayerLookupStats:
-    """Rows one layer asked for, distinct rows among them, and rows that crossed the link (or were read).
-
-    ``distinct_rows`` is None for layers that do not de-duplicate (fused and resident gathers).
-    """
-
-    requested_rows: int
-    distinct_rows: int | None
-    fetched_rows: int
-
-
-class LookupHandle:
-    """Rows ``[B, P, heads, row_dim]`` of one Engram layer for one submit."""
-
-    def __init__(self, layer_id: int, rows: torch.Tensor, ready: Future, keepalive: object) -> None:
-        self.layer_id = layer_id
-        self._rows = rows
-        self._ready = ready  # resolves to the CUDA event after the rows, or None on a host without CUDA
-        self._keepalive = keepalive  # inputs the side stream may still read
-
-    def done(self) -> bool:
-        """True when the rows are complete (never blocks)."""
-        if not self._ready.done():
-            return False
-        event = self._ready.result()
-        return event is None or event.query()
-
-    def wait(self) -> torch.Tensor:
-        """Make the current stream wait for this layer's rows (only) and return them."""
-        event = self._ready.result()
-        if event is not None:
-            torch.cuda.current_stream(self._rows.device).wait_event(event)
-        self._keepalive = None
-        return self._rows
 
 
 @dataclass
@@ -185,7 +151,7 @@ class EngramLookup:
             indices = self.hasher.hash(token_ids.cpu(), num_positions)
             for layer in self.tables:
                 self._gather(layer, indices[layer], outs[layer])
-            return {layer: LookupHandle(layer, outs[layer], _resolved(None), None) for layer in self.tables}
+            return {layer: LookupHandle(layer, outs[layer], resolved(None), None) for layer in self.tables}
         self._side.wait_stream(torch.cuda.current_stream(self.device))
         handles = self._submit_staged(token_ids, num_positions, outs)
         device_layers = [layer for layer in self.tables if layer not in handles]
@@ -202,11 +168,13 @@ class EngramLookup:
                         self._gather(layer, indices[layer], outs[layer])
                     event = torch.cuda.Event()
                     event.record(self._side)
-                    handles[layer] = LookupHandle(layer, outs[layer], _resolved(event), token_ids)
+                    handles[layer] = LookupHandle(layer, outs[layer], resolved(event), token_ids)
         return {layer: handles[layer] for layer in self.tables}
 
     def stats(self) -> dict[int, LayerLookupStats]:
-        """Row counts per layer since construction (reads device counters: a sync)."""
+        """Row counts per layer since construction (waits for the side stream, then reads the counters)."""
+        if self._side is not None:
+            self._side.synchronize()
         stats = {}
         for layer, counts in self._counters.items():
             requested, distinct, fetched = counts.tolist()
@@ -265,7 +233,7 @@ class EngramLookup:
                                                  dtype=torch.uint8, device=self.device)
         hash_gather(table.storage, ids, num_positions, self.hasher.layer_constants(layer, self.device),
                     self.hasher.config.heads_per_order, fetched, self._counters[layer],
-                    max_programs=self.config.gather_max_programs)
+                    max_programs=self.config.gather_max_programs, cache=self.caches.get(layer))
         if not direct:
             out.view(-1, table.layout.row_dim).copy_(decode_rows(fetched, table.layout, out.dtype))
 
@@ -334,6 +302,12 @@ class EngramLookup:
         unknown = set(self.caches) - expected
         if unknown:
             raise ConfigError(f"engram lookup: caches given for layers {sorted(unknown)} without an Engram")
+        for layer, cache in self.caches.items():
+            table = self.tables[layer]
+            if cache.device != self.device or cache.row_bytes != table.layout.row_bytes:
+                raise ConfigError(f"engram lookup: the cache of layer {layer} holds {cache.row_bytes}-byte rows on "
+                                  f"{cache.device}; the lookup needs {table.layout.row_bytes}-byte rows of "
+                                  f"{table.name!r} on {self.device}; build it from that table on that device")
 
     def _choose_method(self, table: EngramTable) -> GatherMethod:
         method, on_device = self.config.method, table.device == self.device
@@ -359,10 +333,9 @@ class EngramLookup:
         return method
 
     def _fuses(self, layer: int) -> bool:
-        """GPU layers without a cache hash and gather in one kernel, where Triton is available."""
+        """GPU layers hash, probe their cache and gather in one kernel, where Triton is available."""
         on_device = self.methods[layer] in (GatherMethod.RESIDENT, GatherMethod.UVA)
-        return (self._on_gpu and on_device and self.config.fuse_hash_gather and layer not in self.caches
-                and uva_available())
+        return self._on_gpu and on_device and self.config.fuse_hash_gather and uva_available()
 
     def _new_slot(self, layer: int) -> _StagingSlot:
         rows = self.config.max_tokens_per_submit * self.hasher.config.heads_per_layer
@@ -380,9 +353,3 @@ def _assemble(plan: FetchPlan, fetched: torch.Tensor, table: EngramTable, cache:
     if plan.request_hit is not None:
         cached = decode_rows(cache.rows.index_select(0, plan.request_slot), table.layout, out.dtype)
         out.copy_(torch.where(plan.request_hit[:, None], cached, out))
-
-
-def _resolved(value: object) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future

@@ -9,7 +9,12 @@ few programs loops over the work, because a gather from host memory is bound by 
   for ``r < count``; the count stays on the device (rows past it are not written).
 - ``hash_gather_kernel``: hashes each (sequence, position, head) exactly as ``NgramHasher.hash``
   does and copies that table row into the output: one launch per layer, no index tensor, no
-  de-duplication.
+  de-duplication. With a hot-row cache (``HAS_CACHE``) each row first probes the cache's row map
+  in HBM (linear probing, as ``rowmap.RowMap.find``; that module says why not a sorted search);
+  a hit copies the cached row, and only misses read the table, so only misses cross the link.
+  Counters: ``counter[0]`` gains the rows requested, ``counter[2]`` the rows read from the table
+  (requested less hits, exact once the kernel is done); the cache's ``[probed, hit]`` counts
+  gain the requested rows and the hits.
 """
 
 from __future__ import annotations
@@ -34,16 +39,20 @@ def gather_rows_kernel(table_address, index_ptr, count_ptr, out_ptr, words_per_r
 
 @triton.jit
 def hash_gather_kernel(ids_ptr, compression_ptr, multipliers_ptr, primes_ptr, offsets_ptr, table_address, out_ptr,
-                       counter_ptr, window, num_positions, total_rows, raw_vocab, pad_id, words_per_row,
+                       counter_ptr, map_ptr, cache_rows_ptr, cache_counts_ptr, window, num_positions, total_rows,
+                       raw_vocab, pad_id, words_per_row, map_shift, map_mask, map_max_probes, hash_multiplier,
                        ORDER: tl.constexpr, HEADS: tl.constexpr, HEADS_PER_ORDER: tl.constexpr,
-                       COMPRESSED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_WORDS: tl.constexpr):
+                       COMPRESSED: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                       BLOCK_WORDS: tl.constexpr):
     """Rows ``[total_rows, words_per_row]`` of one layer for int ids ``[B, window]`` (contiguous)."""
-    if tl.program_id(0) == 0:  # statistics: requested and fetched rows of this layer
+    if tl.program_id(0) == 0:  # statistics: rows requested (and probed, with a cache) in this layer
         requested = tl.zeros([], dtype=tl.int64) + total_rows
         tl.atomic_add(counter_ptr, requested)
-        tl.atomic_add(counter_ptr + 2, requested)
+        if HAS_CACHE:
+            tl.atomic_add(cache_counts_ptr, requested)
     words = tl.arange(0, BLOCK_WORDS)
     word_ok = words < words_per_row
+    hits = tl.zeros([BLOCK_ROWS], dtype=tl.int64)  # rows of this program served from the cache
     for first in range(tl.program_id(0) * BLOCK_ROWS, total_rows, tl.num_programs(0) * BLOCK_ROWS):
         rows = first + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < total_rows
@@ -69,6 +78,31 @@ def hash_gather_kernel(ids_ptr, compression_ptr, multipliers_ptr, primes_ptr, of
         remainder = tl.where(remainder < 0, remainder + prime, remainder)  # torch.remainder's sign
         table_row = remainder + tl.load(offsets_ptr + head, mask=row_ok, other=0)
         mask = row_ok[:, None] & word_ok[None, :]
-        source = table_address.to(out_ptr.dtype) + table_row[:, None] * words_per_row + words[None, :]
         target = out_ptr + rows.to(tl.int64)[:, None] * words_per_row + words[None, :]
-        tl.store(target, tl.load(source, mask=mask), mask=mask)
+        source = table_address.to(out_ptr.dtype) + table_row[:, None] * words_per_row + words[None, :]
+        if HAS_CACHE:  # linear probing in the row map (rowmap.RowMap); then misses read the table
+            position = ((table_row * hash_multiplier) >> map_shift) & map_mask
+            slot = tl.zeros([BLOCK_ROWS], dtype=tl.int64) - 1
+            searching = row_ok
+            probes = 0
+            while (probes < map_max_probes) & (tl.max(searching.to(tl.int32), axis=0) > 0):
+                entry = tl.load(map_ptr + position, mask=searching, other=-1)  # (slot << 32) | key: one read
+                key = (entry << 32) >> 32  # the low half, sign-extended (an empty key is -1)
+                found = searching & (key == table_row)
+                slot = tl.where(found, entry >> 32, slot)
+                searching = searching & (key != -1) & ~found
+                position = (position + 1) & map_mask
+                probes += 1
+            hit = slot >= 0
+            hits += hit.to(tl.int64)
+            cached = tl.load(cache_rows_ptr + slot[:, None] * words_per_row + words[None, :], mask=mask & hit[:, None])
+            fetched = tl.load(source, mask=mask & (slot < 0)[:, None])
+            tl.store(target, tl.where(hit[:, None], cached, fetched), mask=mask)
+        else:
+            tl.store(target, tl.load(source, mask=mask), mask=mask)
+    if tl.program_id(0) == 0:  # rows fetched from the table: all requested ones, less the hits counted below
+        tl.atomic_add(counter_ptr + 2, tl.zeros([], dtype=tl.int64) + total_rows)
+    if HAS_CACHE:
+        program_hits = tl.sum(hits, axis=0)
+        tl.atomic_add(counter_ptr + 2, -program_hits)
+        tl.atomic_add(cache_counts_ptr + 1, program_hits)
