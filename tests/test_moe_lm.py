@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from bench.moe_lm.data import Corpus, WindowSampler, held_out_sequences, split_documents
-from bench.moe_lm.evaluate import early_hidden, run
+from bench.moe_lm.evaluate import run
 from bench.moe_lm.model import ModelConfig, MoeLM, router_gates
 from bench.moe_lm.record import gate_agreement, record
 from bench.moe_lm.train import Stop, TrainConfig, fit, held_out_loss
 from tiermem.predict import LearnedConfig
+from tiermem.predict.contexts import EMBEDDING, anchor_batches
 from tiermem.predict.trace import DECODE, PREFILL
 
 VOCAB = 128  # > 3 * DOCS: every document owns a band of 3 token ids
@@ -107,19 +108,19 @@ def test_recorded_experts_are_each_routers_top_k_on_the_unpadded_sequence():
     assert gate_agreement(trace, router_gates(model)) > 0.99
 
 
-def test_next_gate_early_sees_the_anchor_layers_router_input_and_every_predictor_is_scored():
+def test_contexts_hold_the_anchor_layers_router_input_and_every_predictor_is_scored():
     model = tiny_model()
     rng = np.random.default_rng(2)
     trace = record(model, [(s, rng.integers(1, VOCAB, 24)) for s in range(6)], prompt_tokens=PROMPT)
-    early = early_hidden(trace)
-    assert np.array_equal(early.hidden[:, 1:], trace.hidden[:, :-1])
-    assert np.array_equal(early.hidden[:, 0], trace.extras["embedding"])
+    for batch in anchor_batches(trace, 2, anchors=range(-1, TINY.num_layers)):
+        source = trace.extras[EMBEDDING] if batch.anchor_layer < 0 else trace.hidden[:, batch.anchor_layer]
+        assert np.array_equal(batch.context.hidden.numpy(), source[batch.rows].astype(np.float32))
     report, timings = run(trace, router_gates(model), LearnedConfig(max_steps=20, hidden_dim=16), folds=2, device="cpu")
-    assert set(report.predictors) == {"popularity", "frequency", "cooccurrence", "activation-match", "learned",
-                                      "next-gate", "next-gate-early", "oracle"}
+    assert set(report.predictors) == {"popularity", "frequency", "cooccurrence", "activation-match", "next-gate",
+                                      "learned", "learned+hidden", "oracle"}
     for name in report.predictors:
         for distance in range(1, 5):
             assert report.tally(name, "decode", distance).targets > 0
     assert report.tally("oracle", "decode", 2).recall_k == pytest.approx(1.0)
-    assert report.tally("next-gate", "decode", 1).recall_k > 0.99  # the target router's own input
-    assert set(timings) == {"learned@cpu"} and timings["learned@cpu"] > 0
+    assert report.tally("next-gate", "decode", 1).recall_k < 0.99  # no look at the target router's own input
+    assert set(timings) == {"learned@cpu", "learned+hidden@cpu"} and min(timings.values()) > 0

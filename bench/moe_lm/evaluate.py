@@ -2,18 +2,16 @@
 
 Uses the project's evaluation as it is (``tiermem.predict.eval.cross_validate``: folds by
 ``seq_id % folds``, fitted on the other folds, scored on held-out sequences; recall at k and 2k and
-precision per distance 1..4 and per phase) with the predictor CLI's baselines and learned model, plus
-next-gate speculation from the recorded hidden states and router gates, and the oracle bound.
+precision per distance 1..4 and per phase) with the predictor CLI's baselines, next-gate speculation
+from the recorded hidden states and router gates, the learned model twice and the oracle bound:
+- ``learned``: routing history and token ids only (what it sees on traces without hidden states);
+- ``learned+hidden``: the same plus the anchor layer's router input, its hidden-state paths started
+  at the router gates of the target layers (``train(..., gates=...)``).
+Every context's hidden state is the input of the anchor layer's router (the embedding for anchor -1):
+what an engine holds when that layer is routed, never the target router's own input.
 
-Next-gate appears twice, because *when* its hidden state is known matters:
-- ``next-gate``: the contexts' hidden state (``contexts.anchor_batches``), i.e. the input of layer
-  a+1's router for anchor a. It exists only after layer a's experts and layer a+1's attention have
-  run, and at distance 1 it *is* the target router's input, so distance 1 is exact by construction.
-- ``next-gate-early``: the input of layer a's own router (the embedding for a = -1), known at the same
-  instant as every other predictor's context: speculation with no look at the target layer.
-
-The learned predictor's per-call cost (one decode token, all distances) is timed on the CPU and, where
-there is one, on the GPU.
+The learned predictors' per-call cost (one decode token, all distances) is timed on the CPU and, where
+there is one, on the GPU with the hidden state already on the GPU, as inside ``tiermem.offload``.
 
 Usage, from the repository root:
 ``python -m bench.moe_lm.evaluate --trace /tmp/tiermem-moe-lm/trace.npz --gates /tmp/tiermem-moe-lm/gates.npy``
@@ -23,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,61 +34,50 @@ from tiermem.cli.predictor import baselines, render
 from tiermem.config import to_dict
 from tiermem.errors import TierMemError, TraceError
 from tiermem.predict import LearnedConfig, LearnedPredictor, NextGatePredictor, RouteTrace, load_trace
+from tiermem.predict.contexts import EMBEDDING, with_row_extras
 from tiermem.predict.eval import EvalReport, cross_validate, predict_cost_us
 from tiermem.predict.trace import DECODE, sequence_folds
 from tiermem.predict.train import train
 
-
-def early_hidden(trace: RouteTrace) -> RouteTrace:
-    """The trace whose hidden state at slot l is the input of layer l-1's router (slot 0: the embedding)."""
-    embedding = trace.extras.get("embedding")
-    if trace.hidden is None or embedding is None:
-        raise TraceError("evaluate: next-gate needs a trace with hidden states and the `embedding` extra "
-                         "(trace.npz or sample.npz from bench.moe_lm.record); routes.npz has neither: score it "
-                         "with `tiermem predictor eval --trace routes.npz`")
-    hidden = np.concatenate([embedding[:, None], trace.hidden[:, :-1]], axis=1)
-    return replace(trace, hidden=hidden, extras={})
-
-
-def combine(first: EvalReport, second: EvalReport) -> EvalReport:
-    """One report with the predictors of both (scored on the same targets), the oracle last."""
-    names = [p for p in first.predictors + second.predictors if p != "oracle"]
-    names += ["oracle"] if "oracle" in first.predictors + second.predictors else []
-    return EvalReport(tuple(names), first.top_k, first.num_experts, first.max_distance,
-                      {**first.tallies, **second.tallies}, {**first.predict_us, **second.predict_us},
-                      first.notes + second.notes)
+LEARNED = ("learned", "learned+hidden")
 
 
 def run(trace: RouteTrace, gates: torch.Tensor, config: LearnedConfig, *, folds: int,
         device: str) -> tuple[EvalReport, dict[str, float]]:
-    """The side-by-side report and the learned model's per-call microseconds on each device."""
+    """The side-by-side report and the learned models' per-call microseconds on each device."""
+    if trace.hidden is None or EMBEDDING not in trace.extras:
+        raise TraceError("evaluate: next-gate and learned+hidden need a trace with hidden states and the "
+                         f"`{EMBEDDING}` extra (trace.npz or sample.npz from bench.moe_lm.record); routes.npz has "
+                         "neither: score it with `tiermem predictor eval --trace routes.npz`")
     distance = config.max_distance
-    early = early_hidden(trace)  # fails fast on a trace without hidden states
-    learned: list[LearnedPredictor] = []
+    without_hidden = replace(config, hidden_state=False)
+    first_fold: dict[str, LearnedPredictor] = {}
 
     def make(train_trace: RouteTrace) -> dict[str, object]:
         predictors = baselines(train_trace, distance)
-        learned.append(train(train_trace, config).to(device))
-        predictors["learned"] = learned[-1]
         predictors["next-gate"] = NextGatePredictor(list(gates))
+        predictors["learned"] = train(train_trace, without_hidden).to(device)
+        predictors["learned+hidden"] = train(train_trace, config, gates=gates).to(device)
+        for name in LEARNED:
+            first_fold.setdefault(name, predictors[name])
         return predictors
 
     notes = (
         f"{folds}-fold by seq_id % {folds}: fitted on the other folds, scored on held-out sequences",
-        ("next-gate: hidden state = input of layer a+1's router (after layer a's experts and layer a+1's attention); "
-         "distance 1 is that router itself, exact by construction"),
-        ("next-gate-early: hidden state = input of layer a's router (the embedding before layer 0), known when "
-         "layer a is routed"),
+        "hidden state of anchor a = input of layer a's router (the embedding for a = -1), known when layer a is routed",
+        "learned+hidden: learned + the anchor's router input, its hidden-state paths started at the target routers",
     )
     if device != "cpu":
-        notes += (f"the learned model is scored and timed on {device} (its features are built on the CPU)",)
-    main = cross_validate(trace, make, num_folds=folds, max_distance=distance, include_oracle=True, notes=notes)
-    early = cross_validate(early, lambda _: {"next-gate-early": NextGatePredictor(list(gates))},
-                           num_folds=folds, max_distance=distance)
-    test = sequence_folds(trace, folds)[0][1]
-    timings = {f"learned@{d}": predict_cost_us(learned[0].to(d), test, distance=distance)
-               for d in dict.fromkeys(("cpu", device))}
-    return combine(main, early), timings
+        notes += ((f"the learned models are scored and timed on {device} (routing features built on the CPU, the "
+                   "hidden state already on the GPU)"),)
+    report = cross_validate(trace, make, num_folds=folds, max_distance=distance, include_oracle=True, notes=notes)
+    test = with_row_extras(sequence_folds(trace, folds)[0][1], trace)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as an engine would run it beside its own work
+    timings = {f"{name}@{d}": predict_cost_us(model.to(d), test, distance=distance, device=d)
+               for name, model in first_fold.items() for d in dict.fromkeys(("cpu", device))}
+    torch.set_num_threads(threads)
+    return report, timings
 
 
 def records(report: EvalReport, trace: RouteTrace, timings: dict[str, float], config: LearnedConfig) -> list[dict]:
@@ -116,16 +104,21 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"learned model's step bound (default {LearnedConfig().max_steps})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the learned model runs when scored")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the predictor CLI)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for fitting and scoring (default 1, as the predictor CLI); per-call "
+                             "costs are timed with one thread")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     trace = load_trace(args.trace)
     gates = torch.from_numpy(np.load(args.gates))
     config = LearnedConfig(max_steps=args.max_steps)
     report, timings = run(trace, gates, config, folds=args.folds, device=args.device)
     Console().print(render(report, trace, args.trace.name))
-    print("learned predictor, one decode token, all distances: "
-          + ", ".join(f"{name} {us:.0f} us/call" for name, us in timings.items()))
+    print(f"learned predictors, one decode token, all {config.max_distance} distances per call, one call per routed "
+          f"layer ({trace.num_layers} per token): "
+          + ", ".join(f"{name} {us:.0f} us/call = {us * trace.num_layers / 1e3:.2f} ms/token"
+                      for name, us in timings.items()))
     if args.out:
         args.out.write_text("".join(json.dumps(r) + "\n" for r in records(report, trace, timings, config)))
     return 0

@@ -9,9 +9,12 @@ Invariants:
 - ``experts`` are the router's top-k of each token at each layer, ``weights`` the renormalised
   probabilities the model combines the experts with, ``token_ids`` the input tokens; the forward pass
   runs in float32.
-- ``hidden[t, l]`` is the residual entering layer l's router at unit RMS; the extra ``embedding[t]`` is
-  the residual entering layer 0 at unit RMS (what is known before any layer is routed).
-  ``gates.npy`` (float32 ``[L, E, d]``, ``model.router_gates``) is what ``NextGatePredictor`` takes.
+- ``hidden[t, l]`` is the input of layer l's router (the residual after layer l's attention) at unit
+  RMS, the norm's gain being folded into ``gates.npy`` (float32 ``[L, E, d]``, ``model.router_gates``),
+  so ``gates[l] @ hidden[t, l]`` are layer l's router logits. It is the hidden state of a prediction
+  context anchored at layer l (``tiermem.predict.contexts``); the per-row extra ``embedding[t]`` (the
+  residual entering layer 0 at unit RMS) is that of anchor -1. ``NextGatePredictor`` and the learned
+  predictor's ``train(..., gates=...)`` take the gates.
 - Files in ``--out``: ``trace.npz`` (every sequence, with hidden states: large, stays where it was
   made), ``routes.npz`` (every sequence, no hidden states: small), ``sample.npz`` (the first sequences
   within ``--sample-tokens``, with hidden states) and ``gates.npy``.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,6 +106,22 @@ def sample(trace: RouteTrace, max_tokens: int) -> RouteTrace:
     return replace(subset, extras={name: value[rows] for name, value in trace.extras.items()})
 
 
+def forward_ms(model: MoeLM, *, repeats: int = 50) -> float:
+    """Median wall milliseconds of one forward pass of one token (B=1): a lower bound on a decode step,
+    which also attends over a KV cache; the scale the route predictors' per-token cost compares with."""
+    device = next(model.parameters()).device
+    token = torch.ones((1, 1), dtype=torch.long, device=device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 5):
+            start = time.perf_counter()
+            model(token)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return float(np.median(times[5:]) * 1e3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="model written by bench.moe_lm.train")
@@ -139,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 int((trace.phase == DECODE).sum()), name)
     logger.info("gates reproduce the recorded top-%d set for %.4f of (token, layer) pairs (hidden in float16)",
                 trace.top_k, gate_agreement(trace, gates))
+    logger.info("one-token forward pass of the model (B=1, %s, eager; a lower bound on a decode step): %.2f ms",
+                args.device, forward_ms(model))
     logger.info("busiest expert per layer, x uniform share: %s", " ".join(f"{x:.2f}" for x in expert_load(trace)))
     for file in ("trace.npz", "routes.npz", "sample.npz", "gates.npy"):
         logger.info("wrote %s (%.1f MiB)", args.out / file, (args.out / file).stat().st_size / 2**20)

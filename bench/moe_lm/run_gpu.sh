@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MoE language model benchmark on the GPU machine: train -> record -> evaluate, < 7 minutes on one H100.
+# The MoE language model benchmark on the GPU machine: train -> record -> evaluate, < 6 minutes on one H100.
 #
 #   bash bench/moe_lm/run_gpu.sh OUT_DIR
 #
@@ -8,7 +8,8 @@
 # eval.jsonl (one meta record, then one record per predictor x phase x distance), routes.npz (the held-out
 # trace without hidden states), sample.npz (its first sequences with hidden states) and gates.npy (the router
 # gates for NextGatePredictor). The checkpoint and the full trace stay in MOE_LM_WORK (default
-# /tmp/tiermem-moe-lm). MOE_LM_TRAIN_ARGS adds arguments to train (e.g. "--tiny --steps 20" for a CPU check).
+# /tmp/tiermem-moe-lm). MOE_LM_TRAIN_ARGS adds arguments to train (e.g.
+# "--tiny --steps 20" for a CPU check); MOE_LM_EVAL_THREADS sets the evaluation's torch threads (default 8).
 set -euo pipefail
 
 out=${1:?usage: bash bench/moe_lm/run_gpu.sh OUT_DIR}
@@ -34,6 +35,7 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" | tee
 # shellcheck disable=SC2086  # MOE_LM_TRAIN_ARGS is a list of arguments
 stage train bench.moe_lm.train --out "$work/model.pt" ${MOE_LM_TRAIN_ARGS:-}
 stage record bench.moe_lm.record --checkpoint "$work/model.pt" --out "$work"
-stage evaluate bench.moe_lm.evaluate --trace "$work/trace.npz" --gates "$work/gates.npy" --out "$out/eval.jsonl"
+stage evaluate bench.moe_lm.evaluate --trace "$work/trace.npz" --gates "$work/gates.npy" --out "$out/eval.jsonl" \
+  --threads "${MOE_LM_EVAL_THREADS:-8}"
 cp "$work/routes.npz" "$work/sample.npz" "$work/gates.npy" "$out/"
 echo "== done in $SECONDS s; $out: $(ls "$out" | tr '\n' ' ')" | tee -a "$log"

@@ -45,7 +45,7 @@ class TrainConfig:
     """Optimisation, stopping and split settings."""
 
     steps: int = option(1500, help="optimiser steps (upper bound; see time_budget_s)")
-    time_budget_s: float = option(180.0, help="wall-clock cap on the training loop")
+    time_budget_s: float = option(120.0, help="wall-clock cap on the training loop")
     batch_size: int = option(48, help="sequences of seq_len tokens per step")
     learning_rate: float = option(1.5e-3, help="peak AdamW learning rate")
     min_lr_fraction: float = option(0.1, help="final learning rate as a share of the peak (cosine decay)")

@@ -216,3 +216,32 @@ def test_grouped_compute_on_the_gpu_is_bit_identical_to_transformers_grouped_mm(
     handle.close()
     assert stats["misses"] > 0 and stats["extra_waves"] > 0
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+class RecordsHidden(FirstExperts):
+    """FirstExperts that keeps the hidden state of every context it is asked about."""
+
+    def __init__(self) -> None:
+        self.hidden: list[torch.Tensor | None] = []
+
+    def predict(self, context: RouteContext, distance: int) -> np.ndarray:
+        self.hidden.append(context.hidden)
+        return super().predict(context, distance)
+
+
+def test_predictors_inside_offload_see_the_anchor_layers_router_input():
+    models, common = _tiny_transformers_models()
+    config_cls, model_cls, extra = models["qwen3_moe"]
+    torch.manual_seed(3)
+    model = model_cls._from_config(config_cls(**{**common, **extra}), experts_implementation="grouped_mm").eval()
+    inputs = []
+    model.model.layers[0].mlp.gate.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    predictor = RecordsHidden()
+    ids = torch.randint(0, common["vocab_size"], (2, 3))
+    with torch.no_grad():
+        handle = offload(model, tier="sim", config={"resident_fraction": 0.5, "prefetch": {"distance": 1}},
+                         predictor=predictor)
+        model(ids)
+    handle.close()
+    assert predictor.hidden and all(h is not None for h in predictor.hidden)
+    assert torch.equal(predictor.hidden[0], inputs[0].reshape(predictor.hidden[0].shape))

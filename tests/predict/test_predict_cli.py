@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from tiermem.cli import predictor
 from tiermem.errors import TraceError
-from tiermem.predict.synthetic import SyntheticConfig, synthetic_trace
+from tiermem.predict.learned import LearnedPredictor
+from tiermem.predict.synthetic import SyntheticConfig, gate_routed_trace, synthetic_trace
 from tiermem.predict.trace import save_trace
 
 SMALL = SyntheticConfig(num_sequences=6, prefill_tokens=3, decode_tokens=10, num_layers=3, num_experts=8,
                         layer_correlation=0.7)
 QUICK = ["--max-steps", "30", "--hidden-dim", "32"]
+HIDDEN = 8
 EVERY_PREDICTOR = ("popularity", "frequency", "cooccurrence", "activation-match", "learned")
 
 
@@ -73,3 +77,17 @@ def test_eval_says_which_layers_of_the_real_qwen_trace_it_uses(shared_traces, tm
     assert run("eval", "--trace", str(trace), "--model", str(model)) == 0
     out = capsys.readouterr().out
     assert "only layers 0, 8, 12, 18, 23 have data" in out and "distance 1 = the next logged layer" in out
+
+
+def test_train_with_router_gates_uses_the_hidden_states_and_refuses_gates_of_another_shape(tmp_path):
+    trace, gates = gate_routed_trace(SMALL, hidden_size=HIDDEN)
+    save_trace(trace, tmp_path / "gated.npz")
+    np.save(tmp_path / "gates.npy", torch.stack(gates).numpy())
+    assert run("train", "--trace", str(tmp_path / "gated.npz"), "--gates", str(tmp_path / "gates.npy"),
+               "--out", str(tmp_path / "model.pt"), *QUICK) == 0
+    model = LearnedPredictor.load(tmp_path / "model.pt")
+    assert model.net.hidden_size == HIDDEN and model.net.hidden_heads == (False,) + (True,) * SMALL.num_layers
+    np.save(tmp_path / "bad.npy", torch.stack(gates).numpy()[:, :, :2])
+    with pytest.raises(TraceError, match="gates"):
+        run("train", "--trace", str(tmp_path / "gated.npz"), "--gates", str(tmp_path / "bad.npy"),
+            "--out", str(tmp_path / "model.pt"), *QUICK)

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import replace
 
-from tiermem.predict.contexts import anchor_batches
+import numpy as np
+import pytest
+
+from tiermem.errors import TraceError
+from tiermem.predict.contexts import EMBEDDING, anchor_batches, with_row_extras
 from tiermem.predict.synthetic import SyntheticConfig, synthetic_trace
-from tiermem.predict.trace import DECODE, PREFILL, RouteTrace
+from tiermem.predict.trace import DECODE, PREFILL, RouteTrace, sequence_folds
 
 CONFIG = SyntheticConfig(num_sequences=4, prefill_tokens=4, decode_tokens=6, num_layers=3, num_experts=8,
                          layer_correlation=0.5, reuse_probability=0.3)
 DISTANCE = 4
+HIDDEN = 6
+
+
+def with_hidden_states(trace: RouteTrace, seed: int = 0) -> RouteTrace:
+    """``trace`` with random router inputs per (token, layer) and an embedding per token."""
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((trace.num_tokens, trace.num_layers, HIDDEN)).astype(np.float16)
+    embedding = rng.standard_normal((trace.num_tokens, HIDDEN)).astype(np.float16)
+    return replace(trace, hidden=hidden, extras={EMBEDDING: embedding})
 
 
 def contexts_by_anchor(trace: RouteTrace) -> dict[int, list]:
@@ -54,6 +67,55 @@ def test_changing_the_future_leaves_every_earlier_context_bit_identical():
                 compared += 1
     anchors = trace.num_layers + 1
     assert compared == cut_row * anchors + (cut_layer + 2)  # every row before the cut, and the cut row up to it
+
+
+def test_the_hidden_state_is_the_anchor_layers_router_input_and_the_embedding_before_layer_zero():
+    trace = with_hidden_states(synthetic_trace(CONFIG))
+    for anchor, batches in contexts_by_anchor(trace).items():
+        source = trace.extras[EMBEDDING] if anchor < 0 else trace.hidden[:, anchor]
+        for batch in batches:
+            assert np.array_equal(batch.context.hidden.numpy(), source[batch.rows].astype(np.float32))
+    without_embedding = replace(trace, extras={})
+    assert all(b.context.hidden is None for b in contexts_by_anchor(without_embedding)[-1])
+
+
+def test_changing_future_routing_and_hidden_states_leaves_every_earlier_context_bit_identical():
+    trace = with_hidden_states(synthetic_trace(CONFIG))
+    rng = np.random.default_rng(2)
+    cut_row, cut_layer = 17, 1
+    experts, hidden, embedding = trace.experts.copy(), trace.hidden.copy(), trace.extras[EMBEDDING].copy()
+    experts[cut_row + 1:] = np.argsort(rng.random(experts[cut_row + 1:].shape[:2] + (CONFIG.num_experts,)),
+                                       axis=2)[:, :, :CONFIG.top_k]
+    hidden[cut_row, cut_layer + 1:] = rng.standard_normal(hidden[cut_row, cut_layer + 1:].shape)  # layers > anchor
+    hidden[cut_row + 1:] = rng.standard_normal(hidden[cut_row + 1:].shape)
+    embedding[cut_row + 1:] = rng.standard_normal(embedding[cut_row + 1:].shape)
+    changed = replace(trace, experts=experts, hidden=hidden, extras={EMBEDDING: embedding})
+    before, after = contexts_by_anchor(trace), contexts_by_anchor(changed)
+    compared = 0
+    for anchor in before:
+        for old, new in zip(before[anchor], after[anchor]):
+            for index, row in enumerate(old.rows):
+                if row > cut_row or (row == cut_row and anchor > cut_layer):
+                    continue
+                for name in ("current", "previous", "activation", "token_ids"):
+                    assert np.array_equal(getattr(old.context, name)[index], getattr(new.context, name)[index]), name
+                assert np.array_equal(old.context.hidden[index].numpy(), new.context.hidden[index].numpy())
+                compared += 1
+    assert compared == cut_row * (trace.num_layers + 1) + (cut_layer + 2)
+    old, new = (next(b for b in batches[cut_layer + 1] if cut_row in b.rows) for batches in (before, after))
+    row = int(np.flatnonzero(old.rows == cut_row)[0])  # the first anchor past the cut sees the change
+    assert not np.array_equal(old.context.hidden[row].numpy(), new.context.hidden[row].numpy())
+
+
+def test_folds_carry_each_rows_embedding_and_a_misshapen_embedding_raises():
+    trace = with_hidden_states(synthetic_trace(CONFIG))
+    for part in sequence_folds(trace, 2)[0]:
+        carried = with_row_extras(part, trace)
+        rows = np.flatnonzero(np.isin(trace.seq_id, part.sequence_ids))
+        assert np.array_equal(carried.extras[EMBEDDING], trace.extras[EMBEDDING][rows])
+    broken = replace(trace, extras={EMBEDDING: trace.extras[EMBEDDING][:, :2]})
+    with pytest.raises(TraceError, match="embedding"):
+        list(anchor_batches(broken, 1, anchors=range(-1, 0)))
 
 
 def test_targets_are_the_experts_the_token_met_at_each_distance():

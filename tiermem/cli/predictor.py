@@ -77,13 +77,27 @@ def _learned_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-distance", type=int, default=_DEFAULTS.max_distance,
                         help=f"prefetch distances 1..N in layers (default {_DEFAULTS.max_distance})")
     parser.add_argument("--hidden-dim", type=int, default=_DEFAULTS.hidden_dim, help=f"default {_DEFAULTS.hidden_dim}")
+    parser.add_argument("--no-hidden-state", action="store_true",
+                        help="ignore the trace's hidden states (by default the model uses them where it has them)")
+    parser.add_argument("--gates", type=Path,
+                        help="router gates .npy [layers, experts, hidden] (e.g. bench/moe_lm's gates.npy) that start "
+                             "the hidden-state paths at speculative gating; needs hidden states in the trace")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the model is small and more threads only contend)")
 
 
 def _config(args: argparse.Namespace) -> LearnedConfig:
     return LearnedConfig(max_steps=args.max_steps, seed=args.seed, max_distance=args.max_distance,
-                         hidden_dim=args.hidden_dim)
+                         hidden_dim=args.hidden_dim, hidden_state=not args.no_hidden_state)
+
+
+def _gates(args: argparse.Namespace) -> torch.Tensor | None:
+    if args.gates is None:
+        return None
+    try:
+        return torch.from_numpy(np.load(args.gates, allow_pickle=False)).float()
+    except (OSError, ValueError) as exc:
+        raise TraceError(f"predictor: cannot read router gates {str(args.gates)!r} as a .npy array: {exc}") from None
 
 
 def prepare(trace: RouteTrace) -> tuple[RouteTrace, tuple[str, ...]]:
@@ -119,7 +133,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise TraceError(f"predictor train: need even and odd seq ids to hold some out; got {seqs.tolist()} "
                          f"(or pass --all-sequences)")
     started = time.perf_counter()
-    model = train(trace.select_sequences(chosen), _config(args))
+    model = train(trace.select_sequences(chosen), _config(args), gates=_gates(args))
     elapsed = time.perf_counter() - started
     model.save(args.out)
     for note in notes:
@@ -144,9 +158,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _cross_validate(trace: RouteTrace, args: argparse.Namespace, notes: tuple[str, ...]) -> EvalReport:
+    gates = _gates(args)
+
     def make(train_trace: RouteTrace) -> dict[str, object]:
         predictors = baselines(train_trace, args.max_distance)
-        predictors["learned"] = train(train_trace, _config(args)).to(args.device)
+        predictors["learned"] = train(train_trace, _config(args), gates=gates).to(args.device)
         return predictors
 
     notes += (f"{args.folds}-fold by seq_id % {args.folds}: fit on the other folds, scored on held-out sequences",)

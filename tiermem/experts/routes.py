@@ -13,6 +13,7 @@ the tracker's own and stay valid until the next ``record``; predictors must not 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from tiermem.predict.base import RouteContext
 
@@ -34,8 +35,10 @@ class RouteTracker:
     def current(self) -> np.ndarray | None:
         return self._current
 
-    def record(self, position: int, top_k_index: np.ndarray) -> tuple[RouteContext, int]:
-        """Record the routing ``[B, K]`` of layer ``position``; returns the context and the tick."""
+    def record(self, position: int, top_k_index: np.ndarray,
+               hidden: torch.Tensor | None = None) -> tuple[RouteContext, int]:
+        """Record the routing ``[B, K]`` of layer ``position``; returns the context (with ``hidden``, that
+        layer's router input, for predictors that read it) and the tick."""
         rows = int(top_k_index.shape[0])
         if self._last_position is None or position <= self._last_position or self._current.shape[0] != rows:
             self._start_step(rows)
@@ -43,7 +46,7 @@ class RouteTracker:
         self._last_position = position
         context = RouteContext(
             num_experts=self.num_experts, layer=position, current=self._current,
-            previous=self._previous, activation=self._activation,
+            previous=self._previous, activation=self._activation, hidden=hidden,
         )
         return context, self.step * self.num_layers + position
 

@@ -137,7 +137,7 @@ class ExpertRuntime:
         if self.compute is ExpertCompute.GROUPED:
             return self._run_grouped(layer, index, hidden, top_k_weights, act_fn)
         routing = route(torch.from_numpy(index), self.store.num_experts, hidden.device)
-        context, tick, by_key = self._record_routing(layer, index)
+        context, tick, by_key = self._record_routing(layer, index, hidden)
         outputs: dict[int, torch.Tensor] = {}
         prefetched = False
         for wave in self.prefetcher.demand(list(by_key), tick):
@@ -156,12 +156,14 @@ class ExpertRuntime:
         phases.layer_done()
         return combined
 
-    def _record_routing(self, layer: int, index: np.ndarray) -> tuple[RouteContext, int, dict[ObjectKey, int]]:
+    def _record_routing(self, layer: int, index: np.ndarray,
+                        hidden: torch.Tensor) -> tuple[RouteContext, int, dict[ObjectKey, int]]:
         """Record layer ``layer``'s routing ``[T, K]`` (tracker, activation counts); returns the predictors'
-        context, the tick and the hit experts' keys -> expert ids, in ascending expert order."""
+        context (``hidden``: the router's input as the model computed it, gain of the norm included), the
+        tick and the hit experts' keys -> expert ids, in ascending expert order."""
         pairs = index.reshape(-1)
         experts, uses = np.unique(pairs[(pairs >= 0) & (pairs < self.store.num_experts)], return_counts=True)
-        context, tick = self.tracker.record(self.store.position(layer), index)
+        context, tick = self.tracker.record(self.store.position(layer), index, hidden)
         layer_keys = self._keys[layer]
         expert_of = {layer_keys[e]: e for e in experts.tolist()}
         self.phases.lap("route")
@@ -177,7 +179,7 @@ class ExpertRuntime:
         phases = self.phases
         num_experts = self.store.num_experts
         pairs = index.reshape(-1)
-        context, tick, expert_of = self._record_routing(layer, index)
+        context, tick, expert_of = self._record_routing(layer, index, hidden)
         group = self.cache.group_of(self._keys[layer][0])
         weights = self._slot_weights[group]
         first_slot = group * self.cache.pool.slots_per_group

@@ -5,8 +5,8 @@ Invariants:
   weights) arrives through its constructor.
 - ``RouteContext`` holds only what a serving engine knows at that instant: the current step's routing
   up to and including ``layer``, the previous step's routing of the same sequences, each sequence's
-  activation counts before this step, token ids, and optionally the hidden state entering the next
-  layer. Anything about the future is absent by construction (evaluation relies on this: no leakage).
+  activation counts before this step, token ids, and optionally the input of the anchor layer's
+  router (known once that layer is routed). Anything about the future is absent by construction (evaluation relies on this: no leakage).
 - Layers ahead are counted past the end of the model into the next step: with ``L`` layers,
   distance ``d`` after ``layer`` means layer ``(layer + d) % L`` of step ``t + (layer + d) // L``.
 """
@@ -33,7 +33,7 @@ class RouteContext:
     previous: np.ndarray | None = None  # int16 [B, L, K] previous step of the same sequences, or None
     activation: np.ndarray | None = None  # float32 [B, L, E] per-sequence expert counts before this step
     token_ids: np.ndarray | None = None  # int64 [B] token ids of this step
-    hidden: torch.Tensor | None = None  # [B, hidden] hidden state entering layer ``layer + 1``
+    hidden: torch.Tensor | None = None  # [B, H] input of layer ``layer``'s router (-1: the first layer's input)
 
     @property
     def batch_size(self) -> int:

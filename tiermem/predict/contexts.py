@@ -7,21 +7,24 @@ For the token at row ``t`` and the anchor layer ``a`` (its last routed layer; -1
   ``<= a`` are known and the rest are -1;
 - ``activation`` counts the sequence's experts over the tokens before ``t``; for prefill rows only at
   layers ``<= a`` (the earlier prompt tokens are in the same forward pass);
-- ``token_ids`` is row ``t``'s token id, and ``hidden`` the hidden state entering layer ``a + 1``
-  where the trace records hidden states.
+- ``token_ids`` is row ``t``'s token id;
+- ``hidden`` is the input of layer ``a``'s router (``trace.hidden[t, a]``), where the trace records
+  hidden states: the one hidden state an engine holds when layer ``a`` has just been routed (its
+  experts have not run yet, so layer ``a + 1``'s router input does not exist). For ``a = -1`` it is
+  the input of the first layer (the per-row extra ``embedding``) where the trace has one, else None.
 
 The target at distance ``d`` is layer ``(a + d) % L`` of the token ``(a + d) // L`` steps later in the
 same sequence (consecutive positions). A target in a later token counts only when that token is a
 decode token: the next prompt token's layers run in the same pass as this one's, not after it.
 
-Invariant: no context depends on a row after ``t`` or on row ``t``'s layers above ``a``; the tests
-perturb the future and check that every context stays bit-identical.
+Invariant: no context depends on a row after ``t`` or on row ``t``'s layers above ``a`` (routing or
+hidden states); the tests perturb the future and check that every context stays bit-identical.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,6 +32,8 @@ import torch
 from tiermem.errors import TraceError
 from tiermem.predict.base import RouteContext
 from tiermem.predict.trace import DECODE, PREFILL, RouteTrace
+
+EMBEDDING = "embedding"  # per-row trace extra, float16 [T, H]: the input of the first layer (anchor -1's hidden)
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,17 +122,41 @@ class _Group:
         activation = None
         if self.activation is not None:
             activation = np.where(hidden_pass[:, :, None], np.float32(0.0), self.activation)
-        hidden = None
-        if self.trace.hidden is not None and anchor + 1 < num_layers:
-            hidden = torch.from_numpy(self.trace.hidden[self.rows, anchor + 1].astype(np.float32))
         context = RouteContext(
             num_experts=self.trace.num_experts, layer=anchor, current=current, previous=previous,
             activation=activation,
             token_ids=None if self.trace.token_ids is None else self.trace.token_ids[self.rows],
-            hidden=hidden,
+            hidden=anchor_hidden(self.trace, self.rows, anchor),
         )
         targets = targets_after(self.trace, self.rows, anchor, max_distance)
         return AnchorBatch(anchor, self.rows, self.phase, context, targets)
+
+
+def anchor_hidden(trace: RouteTrace, rows: np.ndarray, anchor: int) -> torch.Tensor | None:
+    """float32 ``[B, H]``: the input of layer ``anchor``'s router for ``rows`` (anchor -1: the embedding), or None."""
+    if trace.hidden is None:
+        return None
+    if anchor >= 0:
+        return torch.from_numpy(trace.hidden[rows, anchor].astype(np.float32))
+    embedding = trace.extras.get(EMBEDDING)
+    if embedding is None:
+        return None
+    if embedding.shape != (trace.num_tokens, trace.hidden.shape[2]):
+        raise TraceError(f"contexts: the {EMBEDDING!r} extra has shape {embedding.shape}, expected one hidden "
+                         f"state per token ({trace.num_tokens}, {trace.hidden.shape[2]})")
+    return torch.from_numpy(embedding[rows].astype(np.float32))
+
+
+def with_row_extras(part: RouteTrace, whole: RouteTrace) -> RouteTrace:
+    """``part`` (whole sequences of ``whole``) with ``whole``'s per-row ``embedding`` carried along.
+
+    ``RouteTrace.select_sequences`` drops extras; the embedding is per row, so it can follow its rows.
+    """
+    embedding = whole.extras.get(EMBEDDING)
+    if embedding is None or embedding.shape[:1] != (whole.num_tokens,):
+        return part
+    rows = np.flatnonzero(np.isin(whole.seq_id, part.sequence_ids))
+    return replace(part, extras={**part.extras, EMBEDDING: embedding[rows]})
 
 
 def targets_after(trace: RouteTrace, rows: np.ndarray, anchor: int, max_distance: int) -> np.ndarray:

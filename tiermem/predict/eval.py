@@ -17,10 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from tiermem.errors import TraceError
-from tiermem.predict.base import Predictor
-from tiermem.predict.contexts import AnchorBatch, anchor_batches
+from tiermem.predict.base import Predictor, RouteContext
+from tiermem.predict.contexts import AnchorBatch, anchor_batches, with_row_extras
 from tiermem.predict.oracle import OracleRoutes
 from tiermem.predict.trace import DECODE, RouteTrace, sequence_folds
 
@@ -146,28 +147,39 @@ def _accumulate(sums: dict[Key, np.ndarray], name: str, batch: AnchorBatch, scor
             sums[key] = sums.get(key, 0.0) + row
 
 
-def predict_cost_us(predictor: Predictor, trace: RouteTrace, *, distance: int = 4, repeats: int = 300) -> float:
-    """Mean CPU microseconds of one ``predict`` call for a single decode token (batch of 1)."""
-    anchor = max(trace.num_layers // 2 - 1, -1)
-    for batch in anchor_batches(trace, distance, anchors=range(anchor, anchor + 1)):
+def predict_cost_us(predictor: Predictor, trace: RouteTrace, *, distance: int = 4, repeats: int = 30,
+                    device: str | torch.device = "cpu") -> float:
+    """Mean wall microseconds of one ``predict`` call for a single decode token (batch of 1).
+
+    Times a call after each routed layer 0 .. L-1 of the same token, as an engine makes them (so the
+    cost per decode token is ``num_layers`` times this). The context's hidden state is moved to
+    ``device`` first, where an engine has it.
+    """
+    contexts = []
+    for batch in anchor_batches(trace, distance, anchors=range(trace.num_layers)):
         decode = np.flatnonzero(batch.phase == DECODE)
         row = int(decode[len(decode) // 2]) if decode.size else 0
-        context = _single_row(batch, row)
+        contexts.append(_single_row(batch, row, torch.device(device)))
+        if len(contexts) == trace.num_layers:
+            break
+    if not contexts:
+        raise TraceError("evaluate: cannot time predict on an empty trace")
+    for context in contexts:
         predictor.predict(context, distance)
-        start = time.perf_counter()
-        for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for context in contexts:
             predictor.predict(context, distance)
-        return (time.perf_counter() - start) / repeats * 1e6
-    raise TraceError("evaluate: cannot time predict on an empty trace")
+    return (time.perf_counter() - start) / (repeats * len(contexts)) * 1e6
 
 
-def _single_row(batch: AnchorBatch, row: int):
+def _single_row(batch: AnchorBatch, row: int, device: torch.device) -> RouteContext:
     context = batch.context
     pick = (lambda a: None if a is None else a[row:row + 1])
-    return type(context)(
+    return RouteContext(
         num_experts=context.num_experts, layer=context.layer, current=pick(context.current),
         previous=pick(context.previous), activation=pick(context.activation), token_ids=pick(context.token_ids),
-        hidden=pick(context.hidden),
+        hidden=None if context.hidden is None else context.hidden[row:row + 1].to(device),
     )
 
 
@@ -187,6 +199,7 @@ def cross_validate(
     """
     report: EvalReport | None = None
     for train, test in sequence_folds(trace, num_folds):
+        train, test = with_row_extras(train, trace), with_row_extras(test, trace)
         overlap = np.intersect1d(train.sequence_ids, test.sequence_ids)
         assert overlap.size == 0, f"train and test share sequences {overlap}"
         predictors: dict[str, Candidate] = dict(make_predictors(train))

@@ -1,14 +1,15 @@
-"""Next-gate speculation: apply the routers of the layers ahead to the hidden state entering the next layer.
+"""Next-gate speculation: apply the routers of the layers ahead to the anchor layer's router input.
 
-Residual streams change little from one layer to the next, so layer l+d's router applied to the
-hidden state entering layer l+1 approximates layer l+d's routing (the idea behind Pre-gated MoE and
-AdapMoE's gate look-ahead).
+Residual streams change little from one layer to the next, so layer a+d's router applied to the input
+of layer a's router (``RouteContext.hidden``, known as soon as layer a is routed) approximates layer
+a+d's routing (the idea behind Pre-gated MoE and AdapMoE's gate look-ahead).
 
 Invariants:
 - Usable only where hidden states exist (inside ``tiermem.offload``, or a trace that recorded them):
   a context without ``hidden`` raises ``TraceError``.
-- ``gates[slot]`` is the router weight ``[E, H]`` of MoE layer ``slot``; scores are its softmax
-  probabilities. Targets in a later step reuse this token's hidden state (a weak guess, reported as
+- ``gates[slot]`` is the router weight ``[E, H]`` of MoE layer ``slot``, in the representation of
+  ``context.hidden`` (``bench/moe_lm`` records unit-RMS hidden states and folds each norm's gain into
+  its gate); scores are its softmax probabilities. Targets in a later step reuse this token's hidden state (a weak guess, reported as
   such by the evaluation's per-distance numbers).
 """
 
@@ -40,9 +41,9 @@ class NextGatePredictor:
         check_context(context, distance, num_layers=num_layers, num_experts=num_experts, who="next-gate")
         if context.hidden is None:
             raise TraceError(
-                "predict: next-gate speculation needs context.hidden (the hidden state entering layer "
-                f"{context.layer + 1}); it is only available inside tiermem.offload or from traces that "
-                "recorded hidden states"
+                "predict: next-gate speculation needs context.hidden (the input of layer "
+                f"{context.layer}'s router; for layer -1 the first layer's input); it is only available inside "
+                "tiermem.offload or from traces that recorded hidden states (and an `embedding` extra for -1)"
             )
         if context.hidden.shape != (context.batch_size, hidden_size):
             raise TraceError(

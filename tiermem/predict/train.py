@@ -12,6 +12,10 @@ Invariants:
   they add (the default: about 1.4x the search's cost in all), ``scratch`` retrains on every token
   for the scaled step count, ``none`` keeps the best network. So one setting suits traces of any size.
 - Training is seeded and runs on CPU: the same trace and config give the same weights.
+- Hidden states (``config.hidden_state``) are used at exactly the anchors where the trace gives every
+  context one (``contexts.anchor_hidden``: layers >= 0 with ``trace.hidden``, anchor -1 also needs the
+  ``embedding`` extra); the model records those anchors and needs them when serving. Router ``gates``
+  ``[L, E, H]`` (optional) initialise its hidden-state paths.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 
 from tiermem.errors import TraceError
 from tiermem.predict.common import multi_hot
-from tiermem.predict.contexts import anchor_batches
+from tiermem.predict.contexts import EMBEDDING, anchor_batches
 from tiermem.predict.learned import Inputs, LearnedConfig, LearnedPredictor, Refit, RouteNet, features
 from tiermem.predict.registry import PREDICTORS
 from tiermem.predict.trace import RouteTrace
@@ -55,21 +59,31 @@ class Examples:
         return Examples(self.inputs.subset(keep), self.targets[keep], self.valid[keep], self.held[keep])
 
 
+def hidden_heads(trace: RouteTrace, config: LearnedConfig) -> tuple[int, tuple[bool, ...]]:
+    """The hidden size the model uses (0 = none) and, per anchor -1 .. L-1, whether its contexts have one."""
+    if not config.hidden_state or trace.hidden is None:
+        return 0, (False,) * (trace.num_layers + 1)
+    return int(trace.hidden.shape[2]), (EMBEDDING in trace.extras,) + (True,) * trace.num_layers
+
+
 def training_examples(trace: RouteTrace, config: LearnedConfig) -> list[Examples]:
     """Every replayed context of ``trace`` with at least one target, one ``Examples`` per anchor layer."""
     cutoff = validation_cutoff(trace, config.validation_fraction)
+    _, uses_hidden = hidden_heads(trace, config)
     grouped: dict[int, list[Examples]] = {}
     for batch in anchor_batches(trace, config.max_distance, anchors=range(-1, trace.num_layers),
                                 with_activation=config.history):
         targets = np.ascontiguousarray(batch.targets.transpose(1, 0, 2))  # [B, D, K]
         grouped.setdefault(batch.anchor_layer + 1, []).append(Examples(
-            features(batch.context, config), torch.from_numpy(multi_hot(targets, trace.num_experts)),
+            features(batch.context, config, with_hidden=uses_hidden[batch.anchor_layer + 1]),
+            torch.from_numpy(multi_hot(targets, trace.num_experts)),
             torch.from_numpy((targets >= 0).any(axis=2)), torch.from_numpy(trace.pos[batch.rows] >= cutoff[batch.rows]),
         ))
     examples = []
     for anchor, parts in grouped.items():
         inputs = Inputs(anchor, *(torch.cat([getattr(p.inputs, name) for p in parts])
-                                  for name in ("current", "previous", "token", "history")))
+                                  for name in ("current", "previous", "token", "history")),
+                        torch.cat([p.inputs.hidden for p in parts]) if uses_hidden[anchor] else None)
         joined = Examples(inputs, *(torch.cat([getattr(p, name) for p in parts]) for name in ("targets", "valid", "held")))
         joined = joined.subset(joined.valid.any(dim=1))
         if joined.count:
@@ -88,8 +102,13 @@ def validation_cutoff(trace: RouteTrace, fraction: float) -> np.ndarray:
     return cutoff
 
 
-def train(trace: RouteTrace, config: LearnedConfig | None = None) -> LearnedPredictor:
-    """Fit a ``RouteNet`` to the replayed contexts of ``trace`` and return it ready to serve."""
+def train(trace: RouteTrace, config: LearnedConfig | None = None, *,
+          gates: torch.Tensor | None = None) -> LearnedPredictor:
+    """Fit a ``RouteNet`` to the replayed contexts of ``trace`` and return it ready to serve.
+
+    ``gates`` (float ``[L, E, H]``, the routers of the trace's layers in the representation of its hidden
+    states) start the hidden-state paths at speculative gating; they need hidden states in ``trace``.
+    """
     config = config or LearnedConfig()
     started = time.perf_counter()
     examples = training_examples(trace, config)
@@ -98,14 +117,14 @@ def train(trace: RouteTrace, config: LearnedConfig | None = None) -> LearnedPred
     steps, best_step, recall = config.max_steps, 0, float("nan")
     with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's random state
         if fit and held:
-            net, best_step, recall = _search_steps(trace, fit, held, config)
+            net, best_step, recall = _search_steps(trace, fit, held, config, gates)
             scale = sum(e.count for e in examples) / sum(e.count for e in fit)
             steps = {Refit.SCRATCH: round(best_step * scale), Refit.CONTINUE: round(best_step * (scale - 1)),
                      Refit.NONE: 0}[config.refit]
             if config.refit is Refit.SCRATCH:
-                net = _new_net(trace, config)
+                net = _new_net(trace, config, gates)
         else:
-            net = _new_net(trace, config)
+            net = _new_net(trace, config, gates)
         for _ in _steps(net, examples, steps, config):
             pass
     logger.info("train: %d contexts from %d sequences; search: best validation recall@%d %.4f at step %d; "
@@ -116,10 +135,10 @@ def train(trace: RouteTrace, config: LearnedConfig | None = None) -> LearnedPred
                             train_sequences=tuple(int(s) for s in trace.sequence_ids))
 
 
-def _search_steps(trace: RouteTrace, fit: list[Examples], held: list[Examples],
-                  config: LearnedConfig) -> tuple[RouteNet, int, float]:
+def _search_steps(trace: RouteTrace, fit: list[Examples], held: list[Examples], config: LearnedConfig,
+                  gates: torch.Tensor | None) -> tuple[RouteNet, int, float]:
     """Train on ``fit`` while the recall at k of ``held`` improves: the best network, its step, its recall."""
-    net = _new_net(trace, config)
+    net = _new_net(trace, config, gates)
     best_step, best_recall, best_state = 0, -1.0, copy.deepcopy(net.state_dict())
     checks_without_gain = 0
     for step in _steps(net, fit, config.max_steps, config):
@@ -136,10 +155,14 @@ def _search_steps(trace: RouteTrace, fit: list[Examples], held: list[Examples],
     return net.eval(), best_step, best_recall
 
 
-def _new_net(trace: RouteTrace, config: LearnedConfig) -> RouteNet:
+def _new_net(trace: RouteTrace, config: LearnedConfig, gates: torch.Tensor | None) -> RouteNet:
     """A freshly initialised network; seeding here makes initialisation and dropout reproducible."""
     torch.manual_seed(config.seed)
-    return RouteNet(config, trace.num_layers, trace.num_experts)
+    hidden_size, heads = hidden_heads(trace, config)
+    net = RouteNet(config, trace.num_layers, trace.num_experts, hidden_size=hidden_size, hidden_heads=heads)
+    if gates is not None:
+        net.init_from_gates(gates)
+    return net
 
 
 def _steps(net: RouteNet, examples: list[Examples], steps: int, config: LearnedConfig) -> Iterator[int]:
