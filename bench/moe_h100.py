@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE)
     parser.add_argument("--compute", choices=[c.value for c in ExpertCompute], default=ExpertCompute.GROUPED.value,
                         help="expert compute of every mode (grouped GEMMs per layer, or one expert at a time)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="launch every grouped layer eagerly instead of replaying its CUDA graph (every mode)")
     parser.add_argument("--only", nargs="+", choices=[w for w, *_ in FULL],
                         help="run just these workloads of the full suite")
     options = parser.parse_args()
@@ -85,7 +87,7 @@ def main() -> int:
             modes=["all_hbm", "lru", "lfu", "tiermem"], traces_dir=options.traces_dir, device="cuda",
             out=str(out / workload.replace("@", "_")), quick=options.quick,
             prefetch_distance=options.prefetch_distance, prefetch_experts=options.prefetch_experts,
-            prefetch_min_score=options.prefetch_min_score, compute=options.compute,
+            prefetch_min_score=options.prefetch_min_score, compute=options.compute, cuda_graphs=options.cuda_graphs,
         )
         done = run_suite(args)
         print_table(done)

@@ -197,25 +197,45 @@ def test_grouped_compute_with_prefetch_and_waves_matches_transformers_grouped_mm
     handle.close()
 
 
-@pytest.mark.gpu
-def test_grouped_compute_on_the_gpu_is_bit_identical_to_transformers_grouped_mm():
+def _qwen3_on_gpu(seed: int) -> torch.nn.Module:
+    """A small random-weight Qwen3-MoE in bf16 on the GPU, computing its experts with transformers' grouped_mm."""
     hf = pytest.importorskip("transformers")
-    torch.manual_seed(2)
+    torch.manual_seed(seed)
     config = hf.Qwen3MoeConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
                                num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
                                num_experts=32, num_experts_per_tok=4)
     model = hf.Qwen3MoeForCausalLM._from_config(config, experts_implementation="grouped_mm", dtype=torch.bfloat16)
-    model = model.to("cuda").eval()
-    prompts = [torch.randint(0, 256, (batch, 4), device="cuda") for batch in (1, 8, 1, 8, 64)]
+    return model.to("cuda").eval()
+
+
+def _offloaded_logits(model: torch.nn.Module, prompts: list[torch.Tensor], config: dict) -> tuple[list, list, dict]:
+    """The logits of ``prompts`` all-resident, then offloaded to ``dram`` with ``config``; and the handle's stats."""
     with torch.no_grad():
         expected = [model(ids).logits for ids in prompts]
-        handle = offload(model, tier="dram", config={"resident_fraction": 0.25, "prefetch": {"distance": 1}},
-                         predictor=FirstExperts())
+        handle = offload(model, tier="dram", config=config, predictor=FirstExperts())
         got = [model(ids).logits for ids in prompts]
     stats = handle.stats()
     handle.close()
+    return expected, got, stats
+
+
+@pytest.mark.gpu
+def test_grouped_compute_on_the_gpu_is_bit_identical_to_transformers_grouped_mm():
+    model = _qwen3_on_gpu(seed=2)
+    prompts = [torch.randint(0, 256, (batch, 4), device="cuda") for batch in (1, 8, 1, 8, 64)]
+    expected, got, stats = _offloaded_logits(model, prompts, {"resident_fraction": 0.25, "prefetch": {"distance": 1}})
     assert stats["misses"] > 0 and stats["extra_waves"] > 0
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+@pytest.mark.gpu
+def test_layers_replayed_from_cuda_graphs_are_bit_identical_to_transformers_grouped_mm():
+    model = _qwen3_on_gpu(seed=4)
+    prompts = [torch.randint(0, 256, (batch, 1), device="cuda") for batch in (1, 2, 1, 2, 1, 1, 2)]
+    # 16 slots per layer: every decode layer is one wave
+    expected, got, stats = _offloaded_logits(model, prompts, {"resident_fraction": 0.5, "prefetch": {"distance": 1}})
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert stats["graphs_captured"] >= 2 and stats["graph_replays"] > stats["graphs_captured"]
 
 
 class RecordsHidden(FirstExperts):

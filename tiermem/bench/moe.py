@@ -143,19 +143,21 @@ def build_store(manager: TierManager, shape: ExpertShape, layers: tuple[int, ...
 
 def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str, fraction: float, batch: int,
              device: torch.device, prefetch: PrefetchConfig,
-             compute: ExpertCompute = ExpertCompute.GROUPED) -> dict[str, Any]:
+             compute: ExpertCompute = ExpertCompute.GROUPED, cuda_graphs: bool = True) -> dict[str, Any]:
     """Replay ``steps`` through one runtime; returns the record of the run."""
     shape = work.shape
     predictor = CrossFitted(work.routes, prefetch.distance) if mode == "tiermem" and work.routes is not None else None
     policy = {"all_hbm": "lru", "lru": "lru", "lfu": "lfu", "tiermem": "predicted" if predictor else "lfu"}[mode]
     config = OffloadConfig(resident_fraction=1.0 if mode == "all_hbm" else fraction, policy=policy,
                            prefetch=prefetch if predictor else PrefetchConfig(distance=0), time_host_phases=True,
-                           compute=compute)
+                           compute=compute, cuda_graphs=cuda_graphs)
     runtime = ExpertRuntime(store, config, device=device, top_k=shape.top_k, predictor=predictor)
     hidden = torch.randn(batch, shape.hidden, device=device, dtype=store.layout.tensors[0].dtype)
     weights = torch.full((batch, shape.top_k), 1.0 / shape.top_k, device=device, dtype=hidden.dtype)
     if mode == "all_hbm":
         _warm_all(runtime, store, hidden, weights)
+    for rows in sorted({len(step.rows) for step in steps}):  # graph captures stay out of the timed loop
+        runtime.capture_graphs(hidden[:rows], weights[:rows], F.silu)
     runtime.phases.reset()
     _sync(device)
     began = time.perf_counter()
@@ -178,7 +180,7 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
                 "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
                 "prefetch_capped", "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes",
-                "demand_bytes", "host_us_per_layer")}}
+                "demand_bytes", "host_us_per_layer", "graphs_captured", "graph_replays")}}
 
 
 def simulated_hit_rates(trace: SimTrace, fraction: float, batch: int) -> dict[str, float]:
@@ -295,13 +297,14 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
             compute_only = None
             if "all_hbm" in args.modes:
                 compute_only = run_mode(store, work, steps, mode="all_hbm", fraction=1.0, batch=batch, device=device,
-                                        prefetch=prefetch, compute=compute)
+                                        prefetch=prefetch, compute=compute, cuda_graphs=args.cuda_graphs)
                 emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": 1.0, **compute_only})
             for fraction in args.fractions:
                 runs = {}
                 for mode in (m for m in args.modes if m != "all_hbm"):
                     runs[mode] = run_mode(store, work, steps, mode=mode, fraction=fraction, batch=batch,
-                                          device=device, prefetch=prefetch, compute=compute)
+                                          device=device, prefetch=prefetch, compute=compute,
+                                          cuda_graphs=args.cuda_graphs)
                     emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": fraction,
                           **_checks(runs[mode], compute_only, raw_gbps)})
                 emit(_summary(work, batch, fraction, runs, simulated_hit_rates(_subset(work.trace, seqs), fraction, batch)))
@@ -364,6 +367,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="prefetch only experts with more expected uses in the batch than this")
     parser.add_argument("--compute", choices=[c.value for c in ExpertCompute], default=ExpertCompute.GROUPED.value,
                         help="expert compute of every mode: grouped (two grouped GEMMs per layer) or loop (per expert)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="launch every grouped layer eagerly instead of replaying its CUDA graph (every mode)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
     parser.add_argument("--out", default="tiermem-results/moe", help="output folder (moe.jsonl)")
     parser.add_argument("--quick", action="store_true", help="one workload, one fraction, batches 1 and 8, few steps")

@@ -90,11 +90,23 @@ def run_wave(
     """Compute the wave's rows and write them into ``out`` (``[T * K, H]``, pair order); launches only."""
     if rows.num_rows == 0:
         return
-    top_k = top_k_weights.shape[-1]
-    index = torch.from_numpy(np.concatenate((rows.pairs, rows.pairs // top_k, rows.offsets)))
+    index = wave_index(rows, top_k_weights.shape[-1])
     if hidden.is_cuda:  # from pinned memory (torch's caching host allocator), so the host never waits for it
         index = index.pin_memory().to(hidden.device, non_blocking=True)
-    n = rows.num_rows
+    compute_wave(hidden, top_k_weights, index, rows.num_rows, weights, act_fn, out)
+
+
+def wave_index(rows: WaveRows, top_k: int) -> torch.Tensor:
+    """The wave's pair rows, their tokens and the slot offsets, as one int64 host tensor ``[2n + G]``."""
+    return torch.from_numpy(np.concatenate((rows.pairs, rows.pairs // top_k, rows.offsets)))
+
+
+def compute_wave(
+    hidden: torch.Tensor, top_k_weights: torch.Tensor, index: torch.Tensor, num_rows: int, weights: SlotWeights,
+    act_fn: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor,
+) -> None:
+    """The wave's kernels for ``index`` (``wave_index``, on ``hidden``'s device, ``num_rows`` pairs) into ``out``."""
+    n = num_rows
     pairs, tokens, offsets = index[:n], index[n:2 * n], index[2 * n:].to(torch.int32)
     state = hidden.index_select(0, tokens).to(weights.gate_up.dtype)
     gate, up = _grouped_mm(state, weights.gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)

@@ -30,6 +30,7 @@ from tiermem.config import format_bytes, option, require
 from tiermem.errors import CapacityError, ConfigError
 from tiermem.experts.cache import ExpertCache
 from tiermem.experts.compute import combine, expert_output, route
+from tiermem.experts.graphs import WaveGraphs
 from tiermem.experts.grouped import SlotWeights, pair_buffer, run_wave, sum_pairs, wave_rows
 from tiermem.experts.routes import RouteTracker
 from tiermem.experts.store import ExpertStore
@@ -66,6 +67,9 @@ class OffloadConfig:
     time_host_phases: bool = option(False, help="Time each host phase of a layer (stats()['host_us_per_layer']).")
     compute: ExpertCompute | None = option(None, help="loop (transformers' eager experts) or grouped (its grouped_mm "
                                                       "experts); None: what the model uses (offload), else loop.")
+    cuda_graphs: bool = option(True, help="grouped compute on a GPU: capture a layer whose pairs fit in one wave "
+                                          "in a CUDA graph per shape and replay it (bit-identical, far fewer "
+                                          "launches per layer).")
 
     def __post_init__(self) -> None:
         require((self.hbm_budget_bytes is None) != (self.resident_fraction is None), self,
@@ -116,6 +120,8 @@ class ExpertRuntime:
             per_group = self.cache.pool.slots_per_group
             self._slot_weights = [SlotWeights.of(store.layout, self.cache.memory[g * per_group:(g + 1) * per_group])
                                   for g in range(self.cache.num_groups)]
+        use_graphs = self.compute is ExpertCompute.GROUPED and config.cuda_graphs and self.cache.device.type == "cuda"
+        self._graphs = WaveGraphs(self._slot_weights) if use_graphs else None
         self.tracker = RouteTracker(num_layers=num_layers, num_experts=store.num_experts, top_k=top_k)
         self._closed = False
         log.info("expert runtime: %d slot(s) per group x %d group(s) (%s of HBM), policy %s, prefetch %s",
@@ -183,7 +189,7 @@ class ExpertRuntime:
         group = self.cache.group_of(self._keys[layer][0])
         weights = self._slot_weights[group]
         first_slot = group * self.cache.pool.slots_per_group
-        out = pair_buffer(hidden, top_k_weights, weights)
+        out, result = None, None
         prefetched = False
         for wave in self.prefetcher.demand(list(expert_of), tick):
             slot_of_expert = np.full(num_experts, -1, dtype=np.int64)
@@ -191,15 +197,29 @@ class ExpertRuntime:
                 self.prefetcher.ready(key)
                 slot_of_expert[expert_of[key]] = self.cache.slot_of(key) - first_slot
             rows = wave_rows(pairs, slot_of_expert, weights.down.shape[0])
-            run_wave(hidden, top_k_weights, rows, weights, act_fn, out)
+            if out is None and self._graphs is not None and rows.num_rows == pairs.size:  # the whole layer
+                result = self._graphs.run(group, hidden, top_k_weights, rows, act_fn)
+            if result is None:
+                out = pair_buffer(hidden, top_k_weights, weights) if out is None else out
+                run_wave(hidden, top_k_weights, rows, weights, act_fn, out)
             phases.lap("compute")
             if not prefetched:  # after the launches: planning overlaps the GPU's work on this layer
                 self.prefetcher.prefetch(context, tick, needed_now=frozenset(expert_of))
                 prefetched = True
-        result = sum_pairs(out, index.shape[0], hidden.dtype)
+        if result is None:
+            result = sum_pairs(out, index.shape[0], hidden.dtype)
         phases.lap("compute")
         phases.layer_done()
         return result
+
+    def capture_graphs(self, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+                       act_fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """Capture now, in every slot group, the graph of a whole-layer wave of these shapes (``hidden``
+        ``[T, H]``, ``top_k_weights`` ``[T, K]``), so the first layers of that size do not pay for the
+        capture; returns how many groups have it ready (0 without graphs: CPU, loop compute, or off)."""
+        if self._graphs is None:
+            return 0
+        return sum(self._graphs.prepare(group, hidden, top_k_weights, act_fn) for group in range(self.cache.num_groups))
 
     def stats(self) -> dict[str, Any]:
         """Hit rate, prefetch precision/recall, bytes moved per tier, stall time, and the cache's shape."""
@@ -207,6 +227,8 @@ class ExpertRuntime:
         return {
             **counters,
             "host_us_per_layer": self.phases.us_per_layer(),
+            "graphs_captured": len(self._graphs) if self._graphs is not None else 0,
+            "graph_replays": self._graphs.replays if self._graphs is not None else 0,
             "policy": self.cache.policy_name,
             "slots_per_group": self.cache.pool.slots_per_group,
             "slot_groups": self.cache.num_groups,
@@ -221,6 +243,8 @@ class ExpertRuntime:
         if self._closed:
             return
         self._closed = True
+        if self._graphs is not None:
+            self._graphs.clear()
         self.prefetcher.drain()
         self.cache.memory = torch.empty(0, dtype=torch.uint8, device=self.cache.device)
 
