@@ -28,6 +28,7 @@ from rich.table import Table
 from tiermem.bench.moe import PREFETCH_MIN_SCORE, run_suite
 from tiermem.bench.moe_report import print_summary, print_table
 from tiermem.experts.runtime import ExpertCompute
+from tiermem.predict import PREDICTORS
 
 TIME_GUARD_S = 390.0  # start no workload after this: the device call must end within 8 minutes
 
@@ -67,6 +68,8 @@ def main() -> int:
     parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE)
     parser.add_argument("--compute", choices=[c.value for c in ExpertCompute], default=ExpertCompute.GROUPED.value,
                         help="expert compute of every mode (grouped GEMMs per layer, or one expert at a time)")
+    parser.add_argument("--predictor", choices=PREDICTORS.names(), default="cooccurrence",
+                        help="tiermem mode's predictor, fitted on the other half of the sequences of each row")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="launch every grouped layer eagerly instead of replaying its CUDA graph (every mode)")
     parser.add_argument("--only", nargs="+", choices=[w for w, *_ in FULL],
@@ -88,6 +91,7 @@ def main() -> int:
             out=str(out / workload.replace("@", "_")), quick=options.quick,
             prefetch_distance=options.prefetch_distance, prefetch_experts=options.prefetch_experts,
             prefetch_min_score=options.prefetch_min_score, compute=options.compute, cuda_graphs=options.cuda_graphs,
+            predictor=options.predictor,
         )
         done = run_suite(args)
         print_table(done)

@@ -115,7 +115,7 @@ def test_contexts_hold_the_anchor_layers_router_input_and_every_predictor_is_sco
     for batch in anchor_batches(trace, 2, anchors=range(-1, TINY.num_layers)):
         source = trace.extras[EMBEDDING] if batch.anchor_layer < 0 else trace.hidden[:, batch.anchor_layer]
         assert np.array_equal(batch.context.hidden.numpy(), source[batch.rows].astype(np.float32))
-    report, timings = run(trace, router_gates(model), LearnedConfig(max_steps=20, hidden_dim=16), folds=2, device="cpu")
+    report, costs = run(trace, router_gates(model), LearnedConfig(max_steps=20, hidden_dim=16), folds=2, device="cpu")
     assert set(report.predictors) == {"popularity", "frequency", "cooccurrence", "activation-match", "next-gate",
                                       "learned", "learned+hidden", "oracle"}
     for name in report.predictors:
@@ -123,4 +123,6 @@ def test_contexts_hold_the_anchor_layers_router_input_and_every_predictor_is_sco
             assert report.tally(name, "decode", distance).targets > 0
     assert report.tally("oracle", "decode", 2).recall_k == pytest.approx(1.0)
     assert report.tally("next-gate", "decode", 1).recall_k < 0.99  # no look at the target router's own input
-    assert set(timings) == {"learned@cpu", "learned+hidden@cpu"} and min(timings.values()) > 0
+    expected = {(name, path, batch) for name in ("learned", "learned+hidden") for path in ("compiled", "torch@cpu")
+                for batch in (1, 8)}
+    assert {(c.predictor, c.path, c.batch) for c in costs} == expected and min(c.us_per_call for c in costs) > 0

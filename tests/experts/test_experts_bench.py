@@ -29,3 +29,26 @@ def test_bench_moe_replays_a_trace_and_reports_every_mode(tmp_path):
     assert all({"route_sync", "route", "compute", "total"} <= set(p) for p in phases)
     assert all(abs(p["total"] - sum(v for k, v in p.items() if k != "total")) < 1e-6 * p["total"] for p in phases)
     assert all("demand_submit" in r["host_us_per_layer"] for r in offloaded)
+
+
+def test_the_bench_predictor_is_any_registered_one_fitted_on_the_other_half_of_the_sequences():
+    import numpy as np
+    import pytest
+
+    from tiermem.errors import RegistryError
+    from tiermem.predict.base import RouteContext
+    from tiermem.predict.synthetic import SyntheticConfig, synthetic_trace
+
+    routes = synthetic_trace(SyntheticConfig(num_sequences=6, num_layers=3, num_experts=8, top_k=2, seed=0))
+    predictor = moe.CrossFitted(routes, 1, "frequency")
+    fitted_on = [set(model.trace_sequences) if hasattr(model, "trace_sequences") else None for model in predictor.models]
+    assert predictor.name == "frequency" and len(predictor.models) == 2 and fitted_on
+    current = np.full((2, 3, 2), -1, dtype=np.int16)
+    current[:, 0] = [[0, 1], [2, 3]]
+    predictor.seqs = np.array([0, 1])  # one row from each half: each row is scored by the other half's model
+    scores = predictor.predict(RouteContext(num_experts=8, layer=0, current=current), 1)
+    for row, parity in ((0, 0), (1, 1)):
+        alone = predictor.models[parity].predict(RouteContext(num_experts=8, layer=0, current=current[row:row + 1]), 1)
+        assert np.array_equal(scores[:, row], alone[:, 0])
+    with pytest.raises(RegistryError):
+        moe.CrossFitted(routes, 1, "no-such-predictor")

@@ -8,7 +8,7 @@ mode, all in one process, every run on the same store and the same steps:
 | all_hbm   | every expert resident (warmed before timing): the upper bound, compute only    |
 | lru       | on-demand fetch, LRU eviction (SGLang paged experts, mixtral-offloading)        |
 | lfu       | on-demand fetch, LFU eviction (MoE-Infinity)                                    |
-| tiermem   | prediction-aware eviction + prefetch (co-occurrence predictor, cross-fitted)   |
+| tiermem   | prediction-aware eviction + prefetch (``--predictor``, cross-fitted)            |
 
 Steps are the simulator's (``tiermem.simulate``): static batches of whole sequences, step-aligned,
 each batch starting with a cold cache; the simulator's LRU/LFU/Belady hit rates on the very same
@@ -21,6 +21,7 @@ Raw pinned ``copy_`` bandwidth, measured in the same run, is the denominator of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -33,13 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from tiermem.bench.moe_report import print_summary, print_table
+from tiermem.config import from_dict
 from tiermem.experts.layout import ExpertLayout
 from tiermem.experts.placement import single_tier
 from tiermem.experts.runtime import ExpertCompute, ExpertRuntime, OffloadConfig
 from tiermem.experts.store import ExpertStore
 from tiermem.manager import ManagerConfig, TierManager
+from tiermem.predict import PREDICTORS
 from tiermem.predict.base import RouteContext
-from tiermem.predict.cooccurrence import CoOccurrenceConfig, CoOccurrencePredictor
 from tiermem.predict.trace import RouteTrace
 from tiermem.predict.trace import load_trace as load_route_trace
 from tiermem.prefetch.prefetcher import PrefetchConfig
@@ -85,17 +87,19 @@ class Workload:
 
 
 class CrossFitted:
-    """A co-occurrence predictor fitted on the other half of the sequences (seq_id parity) of each row.
+    """A registered predictor (``PREDICTORS``) fitted on the other half of the sequences (seq_id parity) of each row.
 
     The bench sets ``seqs`` (the sequence of each batch row) before each step, so no row is ever
-    predicted by tables that saw its own sequence.
+    predicted by a model that saw its own sequence.
     """
 
-    def __init__(self, routes: RouteTrace, distance: int) -> None:
-        config = CoOccurrenceConfig(max_distance=max(distance, 1))
+    def __init__(self, routes: RouteTrace, distance: int, name: str = "cooccurrence") -> None:
+        entry = PREDICTORS.get(name)
+        fields = {f.name for f in dataclasses.fields(entry.config_cls)}
+        config = from_dict(entry.config_cls, {"max_distance": max(distance, 1)} if "max_distance" in fields else {})
         seqs = routes.sequence_ids
-        self.models = [CoOccurrencePredictor.fit(routes.select_sequences(seqs[seqs % 2 != parity]), config)
-                       for parity in (0, 1)]
+        self.name = name
+        self.models = [entry.factory(config, routes.select_sequences(seqs[seqs % 2 != parity])) for parity in (0, 1)]
         self.seqs = np.zeros(0, dtype=np.int64)
 
     def predict(self, context: RouteContext, distance: int) -> np.ndarray:
@@ -142,11 +146,12 @@ def build_store(manager: TierManager, shape: ExpertShape, layers: tuple[int, ...
 
 
 def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str, fraction: float, batch: int,
-             device: torch.device, prefetch: PrefetchConfig,
-             compute: ExpertCompute = ExpertCompute.GROUPED, cuda_graphs: bool = True) -> dict[str, Any]:
-    """Replay ``steps`` through one runtime; returns the record of the run."""
+             device: torch.device, prefetch: PrefetchConfig, compute: ExpertCompute = ExpertCompute.GROUPED,
+             cuda_graphs: bool = True, predictor: CrossFitted | None = None) -> dict[str, Any]:
+    """Replay ``steps`` through one runtime; returns the record of the run. ``predictor`` serves tiermem mode
+    (without one, tiermem mode is LFU without prefetch)."""
     shape = work.shape
-    predictor = CrossFitted(work.routes, prefetch.distance) if mode == "tiermem" and work.routes is not None else None
+    predictor = predictor if mode == "tiermem" else None
     policy = {"all_hbm": "lru", "lru": "lru", "lfu": "lfu", "tiermem": "predicted" if predictor else "lfu"}[mode]
     config = OffloadConfig(resident_fraction=1.0 if mode == "all_hbm" else fraction, policy=policy,
                            prefetch=prefetch if predictor else PrefetchConfig(distance=0), time_host_phases=True,
@@ -175,7 +180,7 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     stats = runtime.stats()
     runtime.close()
     moved = stats["demand_bytes"] + stats["prefetch_bytes"]
-    return {"mode": mode, "policy": policy, "compute": compute.value, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
+    return {"mode": mode, "policy": policy, "predictor": predictor.name if predictor else None, "compute": compute.value, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
                 "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
@@ -292,6 +297,8 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
         prefetch = PrefetchConfig(distance=args.prefetch_distance, objects_per_layer=args.prefetch_experts,
                                   min_score=args.prefetch_min_score, link_gbps=raw_gbps)
         emit(header)
+        predictor = CrossFitted(work.routes, args.prefetch_distance, args.predictor) \
+            if "tiermem" in args.modes and work.routes is not None else None
         for batch in args.batches:
             steps, seqs = _steps(work.trace, batch, args.max_steps if batch == 1 else max(args.max_steps // 4, 8))
             compute_only = None
@@ -304,7 +311,7 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for mode in (m for m in args.modes if m != "all_hbm"):
                     runs[mode] = run_mode(store, work, steps, mode=mode, fraction=fraction, batch=batch,
                                           device=device, prefetch=prefetch, compute=compute,
-                                          cuda_graphs=args.cuda_graphs)
+                                          cuda_graphs=args.cuda_graphs, predictor=predictor)
                     emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": fraction,
                           **_checks(runs[mode], compute_only, raw_gbps)})
                 emit(_summary(work, batch, fraction, runs, simulated_hit_rates(_subset(work.trace, seqs), fraction, batch)))
@@ -367,6 +374,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="prefetch only experts with more expected uses in the batch than this")
     parser.add_argument("--compute", choices=[c.value for c in ExpertCompute], default=ExpertCompute.GROUPED.value,
                         help="expert compute of every mode: grouped (two grouped GEMMs per layer) or loop (per expert)")
+    parser.add_argument("--predictor", choices=PREDICTORS.names(), default="cooccurrence",
+                        help="tiermem mode's predictor, fitted on the other half of the sequences of each row")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="launch every grouped layer eagerly instead of replaying its CUDA graph (every mode)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
