@@ -56,17 +56,25 @@ def test_changing_the_future_leaves_every_earlier_context_bit_identical():
     changed = RouteTrace(experts=future, seq_id=trace.seq_id, pos=trace.pos, phase=trace.phase,
                          num_experts=CONFIG.num_experts, token_ids=trace.token_ids)
     before, after = contexts_by_anchor(trace), contexts_by_anchor(changed)
+    compared = _compare_before_the_cut(before, after, cut_row, cut_layer, ("current", "previous", "activation",
+                                                                         "token_ids"))
+    anchors = trace.num_layers + 1
+    assert compared == cut_row * anchors + (cut_layer + 2)  # every row before the cut, and the cut row up to it
+
+
+def _compare_before_the_cut(before: dict, after: dict, cut_row: int, cut_layer: int, names: tuple[str, ...]) -> int:
+    """Assert the contexts of every (row, anchor) up to the cut are bit-identical in ``names``; returns how many."""
     compared = 0
     for anchor in before:
         for old, new in zip(before[anchor], after[anchor]):
             for index, row in enumerate(old.rows):
                 if row > cut_row or (row == cut_row and anchor > cut_layer):
                     continue
-                for name in ("current", "previous", "activation", "token_ids"):
-                    assert np.array_equal(getattr(old.context, name)[index], getattr(new.context, name)[index]), name
+                for name in names:
+                    old_value, new_value = getattr(old.context, name)[index], getattr(new.context, name)[index]
+                    assert np.array_equal(np.asarray(old_value), np.asarray(new_value)), name
                 compared += 1
-    anchors = trace.num_layers + 1
-    assert compared == cut_row * anchors + (cut_layer + 2)  # every row before the cut, and the cut row up to it
+    return compared
 
 
 def test_the_hidden_state_is_the_anchor_layers_router_input_and_the_embedding_before_layer_zero():
@@ -91,16 +99,8 @@ def test_changing_future_routing_and_hidden_states_leaves_every_earlier_context_
     embedding[cut_row + 1:] = rng.standard_normal(embedding[cut_row + 1:].shape)
     changed = replace(trace, experts=experts, hidden=hidden, extras={EMBEDDING: embedding})
     before, after = contexts_by_anchor(trace), contexts_by_anchor(changed)
-    compared = 0
-    for anchor in before:
-        for old, new in zip(before[anchor], after[anchor]):
-            for index, row in enumerate(old.rows):
-                if row > cut_row or (row == cut_row and anchor > cut_layer):
-                    continue
-                for name in ("current", "previous", "activation", "token_ids"):
-                    assert np.array_equal(getattr(old.context, name)[index], getattr(new.context, name)[index]), name
-                assert np.array_equal(old.context.hidden[index].numpy(), new.context.hidden[index].numpy())
-                compared += 1
+    compared = _compare_before_the_cut(before, after, cut_row, cut_layer, ("current", "previous", "activation",
+                                                                         "token_ids", "hidden"))
     assert compared == cut_row * (trace.num_layers + 1) + (cut_layer + 2)
     old, new = (next(b for b in batches[cut_layer + 1] if cut_row in b.rows) for batches in (before, after))
     row = int(np.flatnonzero(old.rows == cut_row)[0])  # the first anchor past the cut sees the change
