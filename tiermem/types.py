@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class TierKind(str, enum.Enum):
@@ -25,28 +26,19 @@ class TierKind(str, enum.Enum):
         return self in (TierKind.DRAM, TierKind.CXL, TierKind.SIM)
 
 
-@dataclass(frozen=True, order=True)
-class ObjectKey:
+class ObjectKey(NamedTuple):
     """Names one movable object: an expert of a layer, or one Engram table row group.
 
     ``kind`` says what it is (``"expert"``, ``"engram"``), ``table`` which table or weight set,
     ``layer`` and ``index`` where it sits. The memory layer never interprets these fields.
+    A named tuple, so hashing and comparing a key run in C: directories, planners and policies do
+    it hundreds of times per layer, and a Python-level ``__hash__`` showed up in the H100 profile.
     """
 
     kind: str
     table: str
     layer: int
     index: int
-
-    def __post_init__(self) -> None:
-        # keys are hashed hundreds of times per layer by directories, planners and policies: hash once
-        object.__setattr__(self, "_hash", hash((self.kind, self.table, self.layer, self.index)))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __reduce__(self) -> tuple[type[ObjectKey], tuple[str, str, int, int]]:
-        return ObjectKey, (self.kind, self.table, self.layer, self.index)  # string hashes differ per process
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.table}:{self.layer}:{self.index}"

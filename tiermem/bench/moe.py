@@ -300,7 +300,7 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
         predictor = CrossFitted(work.routes, args.prefetch_distance, args.predictor) \
             if "tiermem" in args.modes and work.routes is not None else None
         for batch in args.batches:
-            steps, seqs = _steps(work.trace, batch, args.max_steps if batch == 1 else max(args.max_steps // 4, 8))
+            steps, seqs = batch_steps(work.trace, batch, args.max_steps if batch == 1 else max(args.max_steps // 4, 8))
             compute_only = None
             if "all_hbm" in args.modes:
                 compute_only = run_mode(store, work, steps, mode="all_hbm", fraction=1.0, batch=batch, device=device,
@@ -321,7 +321,7 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def _steps(trace: SimTrace, batch: int, max_steps: int) -> tuple[list[Step], list[int]]:
+def batch_steps(trace: SimTrace, batch: int, max_steps: int) -> tuple[list[Step], list[int]]:
     """Whole batches of sequences, in trace order, until at least ``max_steps`` steps (at least one batch)."""
     steps: list[Step] = []
     seqs: list[int] = []

@@ -71,9 +71,9 @@ class PredictionScores:
             self._scores.update(scores)
 
     def score(self, key: ObjectKey) -> float:
-        """The latest score of ``key``; 0.0 when it was never predicted."""
-        with self._lock:
-            return self._scores.get(key, 0.0)
+        """The latest score of ``key``; 0.0 when it was never predicted. Lock-free: one dict lookup is atomic,
+        and eviction orders read this once per resident object per layer."""
+        return self._scores.get(key, 0.0)
 
     def reset(self) -> None:
         with self._lock:

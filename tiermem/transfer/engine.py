@@ -150,11 +150,11 @@ class TransferEngine:
                 self._bytes_by_direction[direction.value] += copy.nbytes
         parts: list[tuple[list[torch.cuda.Event], list[Future]]] = []
         gpu_events: dict[int, torch.cuda.Event] = {}  # stream -> its last event: the whole plan
-        waited: set[int] = set()  # streams already made to wait on the submitting stream
+        start = _StartAfter(after)
         futures: list[Future] = []
         for copy, direction in zip(plan.copies, directions):
             if copy.hooks:
-                future = self._io_pool.submit(self._run_hooked, copy, direction, after)
+                future = self._io_pool.submit(self._run_hooked, copy, direction, _StartAfter(after))
                 parts.append(([], [future]))
                 futures.append(future)
             elif direction is Direction.H2H:
@@ -162,7 +162,7 @@ class TransferEngine:
                 parts.append(([], pieces))
                 futures += pieces
             else:
-                events = self._enqueue_gpu(copy, direction, background, waited, after)
+                events = self._enqueue_gpu(copy, direction, background, start)
                 parts.append((list(events.values()), []))
                 gpu_events.update(events)
         nbytes = plan.nbytes
@@ -196,22 +196,19 @@ class TransferEngine:
                     lane = self._streams[key] = (streams, itertools.count())
         return lane
 
-    def _enqueue_gpu(self, copy: Copy, direction: Direction, background: bool, waited: set[int],
-                     after: torch.cuda.Stream | None) -> dict[int, torch.cuda.Event]:
+    def _enqueue_gpu(self, copy: Copy, direction: Direction, background: bool,
+                     start: _StartAfter) -> dict[int, torch.cuda.Event]:
         """Enqueue one copy's chunks; returns one event per stream used, recorded after its last chunk."""
         device = copy.dst.device if copy.dst.is_cuda else copy.src.device
         lane = Direction.H2D if direction is Direction.D2D else direction
         streams, turn = self._streams_for(device, lane, background)
         used: dict[int, torch.cuda.Stream] = {}
-        after = after or torch.cuda.current_stream(device)
         fast = cudart.available()  # the plan validated the pair: the raw runtime call is safe
         dst_ptr, src_ptr = copy.dst.data_ptr(), copy.src.data_ptr()
         for offset, size in split_chunks(copy.nbytes, self.config.chunk_bytes):
             stream = streams[next(turn) % len(streams)]
             used[id(stream)] = stream
-            if id(stream) not in waited:
-                stream.wait_stream(after)
-                waited.add(id(stream))
+            start.hold(stream, device)
             try:
                 if fast:
                     cudart.memcpy_async(dst_ptr + offset, src_ptr + offset, size, stream.cuda_stream)
@@ -231,14 +228,33 @@ class TransferEngine:
         return [self._host_pool.submit(_copy_bytes, copy.dst.narrow(0, offset, size), copy.src.narrow(0, offset, size))
                 for offset, size in split_chunks(copy.nbytes, self.config.host_chunk_bytes)]
 
-    def _run_hooked(self, copy: Copy, direction: Direction, after: torch.cuda.Stream | None) -> None:
+    def _run_hooked(self, copy: Copy, direction: Direction, start: _StartAfter) -> None:
         for hook in copy.hooks:
             hook(copy.nbytes)
         if direction is Direction.H2H:
             _copy_bytes(copy.dst, copy.src)
             return
-        for event in self._enqueue_gpu(copy, direction, False, set(), after).values():
+        for event in self._enqueue_gpu(copy, direction, False, start).values():
             event.synchronize()
+
+
+class _StartAfter:
+    """The copy streams of one submit start after the work queued on ``after`` (default: each device's current
+    stream): one event recorded there per device, waited on once by each stream the submit uses."""
+
+    def __init__(self, after: torch.cuda.Stream | None) -> None:
+        self.after = after
+        self._events: dict[int, torch.cuda.Event] = {}
+        self._held: set[int] = set()
+
+    def hold(self, stream: torch.cuda.Stream, device: torch.device) -> None:
+        if id(stream) in self._held:
+            return
+        event = self._events.get(device.index)
+        if event is None:
+            event = self._events[device.index] = (self.after or torch.cuda.current_stream(device)).record_event()
+        stream.wait_event(event)
+        self._held.add(id(stream))
 
 
 def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:

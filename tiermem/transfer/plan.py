@@ -10,8 +10,8 @@ I/O hooks (``Tier.on_io``) the engine must call before moving the bytes (modelle
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
