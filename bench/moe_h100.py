@@ -25,10 +25,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tiermem.bench.moe import PREFETCH_MIN_SCORE, run_suite
+from tiermem.bench.moe import add_run_options, run_suite
 from tiermem.bench.moe_report import print_summary, print_table
-from tiermem.experts.runtime import ExpertCompute
-from tiermem.predict import PREDICTORS
 
 TIME_GUARD_S = 390.0  # start no workload after this: the device call must end within 8 minutes
 
@@ -63,15 +61,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--traces-dir", default=".traces", help="folder holding the shared .npz traces")
     parser.add_argument("--quick", action="store_true", help="one small workload")
-    parser.add_argument("--prefetch-distance", type=int, default=1)
-    parser.add_argument("--prefetch-experts", type=int, default=2)
-    parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE)
-    parser.add_argument("--compute", choices=[c.value for c in ExpertCompute], default=ExpertCompute.GROUPED.value,
-                        help="expert compute of every mode (grouped GEMMs per layer, or one expert at a time)")
-    parser.add_argument("--predictor", choices=PREDICTORS.names(), default="cooccurrence",
-                        help="tiermem mode's predictor, fitted on the other half of the sequences of each row")
-    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                        help="launch every grouped layer eagerly instead of replaying its CUDA graph (every mode)")
+    add_run_options(parser)
     parser.add_argument("--only", nargs="+", choices=[w for w, *_ in FULL],
                         help="run just these workloads of the full suite")
     options = parser.parse_args()

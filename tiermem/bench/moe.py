@@ -357,6 +357,20 @@ def _summary(work: Workload, batch: int, fraction: float, runs: dict[str, dict[s
     return record
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every run of the suite takes (prefetch, compute, predictor, graphs); ``bench/moe_h100.py`` too."""
+    parser.add_argument("--prefetch-distance", type=int, default=1, help="MoE layers ahead tiermem prefetches")
+    parser.add_argument("--prefetch-experts", type=int, default=2, help="experts tiermem may prefetch per layer")
+    parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE,
+                        help="prefetch only experts with more expected uses in the batch than this")
+    parser.add_argument("--compute", choices=[c.value for c in ExpertCompute], default=ExpertCompute.GROUPED.value,
+                        help="expert compute of every mode: grouped (two grouped GEMMs per layer) or loop (per expert)")
+    parser.add_argument("--predictor", choices=PREDICTORS.names(), default="cooccurrence",
+                        help="tiermem mode's predictor, fitted on the other half of the sequences of each row")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="launch every grouped layer eagerly instead of replaying its CUDA graph (every mode)")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``tiermem bench moe``: register the subcommand on the ``bench`` subparsers."""
     parser = subparsers.add_parser("moe", help="replay routing traces through offloaded expert layers (GPU)",
@@ -368,16 +382,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="decode batch sizes (1 8 64)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--max-steps", type=int, default=None, help="decode steps per batch-1 run (others: a quarter)")
-    parser.add_argument("--prefetch-distance", type=int, default=1, help="MoE layers ahead tiermem prefetches")
-    parser.add_argument("--prefetch-experts", type=int, default=2, help="experts tiermem may prefetch per layer")
-    parser.add_argument("--prefetch-min-score", type=float, default=PREFETCH_MIN_SCORE,
-                        help="prefetch only experts with more expected uses in the batch than this")
-    parser.add_argument("--compute", choices=[c.value for c in ExpertCompute], default=ExpertCompute.GROUPED.value,
-                        help="expert compute of every mode: grouped (two grouped GEMMs per layer) or loop (per expert)")
-    parser.add_argument("--predictor", choices=PREDICTORS.names(), default="cooccurrence",
-                        help="tiermem mode's predictor, fitted on the other half of the sequences of each row")
-    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                        help="launch every grouped layer eagerly instead of replaying its CUDA graph (every mode)")
+    add_run_options(parser)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
     parser.add_argument("--out", default="tiermem-results/moe", help="output folder (moe.jsonl)")
     parser.add_argument("--quick", action="store_true", help="one workload, one fraction, batches 1 and 8, few steps")
