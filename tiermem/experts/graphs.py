@@ -57,14 +57,9 @@ class WaveGraphs:
     def run(self, group: int, hidden: torch.Tensor, top_k_weights: torch.Tensor, rows: WaveRows,
             act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
         """The layer's output ``[T, H]`` for one wave that holds every pair, or None: run it eagerly."""
-        key = _key(group, hidden, top_k_weights, rows.num_rows, act_fn)
-        captured = self._graphs.get(key)
+        captured = self._graph(group, hidden, top_k_weights, rows, act_fn)
         if captured is None:
-            if key in self._failed or len(self._graphs) >= self.max_graphs:
-                return None
-            captured = self._capture(key, group, hidden, top_k_weights, rows, act_fn)
-            if captured is None:
-                return None
+            return None
         captured.hidden.copy_(hidden)
         captured.top_k_weights.copy_(top_k_weights)
         captured.index.copy_(wave_index(rows, top_k_weights.shape[-1]).pin_memory(), non_blocking=True)
@@ -82,12 +77,7 @@ class WaveGraphs:
         num_rows = top_k_weights.numel()
         slots = self.weights[group].down.shape[0]
         rows = WaveRows(np.arange(num_rows, dtype=np.int64), np.full(slots, num_rows, dtype=np.int64))
-        key = _key(group, hidden, top_k_weights, num_rows, act_fn)
-        if key in self._graphs:
-            return True
-        if key in self._failed or len(self._graphs) >= self.max_graphs:
-            return False
-        return self._capture(key, group, hidden, top_k_weights, rows, act_fn) is not None
+        return self._graph(group, hidden, top_k_weights, rows, act_fn) is not None
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -95,6 +85,16 @@ class WaveGraphs:
 
     def __len__(self) -> int:
         return len(self._graphs)
+
+    def _graph(self, group: int, hidden: torch.Tensor, top_k_weights: torch.Tensor, rows: WaveRows,
+               act_fn: Callable[[torch.Tensor], torch.Tensor]) -> _Captured | None:
+        """The graph for these shapes, captured now if it is new and may be; None: run eagerly."""
+        key = (group, tuple(hidden.shape), hidden.dtype, tuple(top_k_weights.shape), top_k_weights.dtype,
+               rows.num_rows, act_fn)
+        captured = self._graphs.get(key)
+        if captured is None and key not in self._failed and len(self._graphs) < self.max_graphs:
+            captured = self._capture(key, group, hidden, top_k_weights, rows, act_fn)
+        return captured
 
     def _capture(self, key: tuple, group: int, hidden: torch.Tensor, top_k_weights: torch.Tensor, rows: WaveRows,
                  act_fn: Callable[[torch.Tensor], torch.Tensor]) -> _Captured | None:
@@ -128,6 +128,3 @@ class WaveGraphs:
                   len(self._graphs))
         return captured
 
-
-def _key(group: int, hidden: torch.Tensor, top_k_weights: torch.Tensor, num_rows: int, act_fn: Callable) -> tuple:
-    return group, tuple(hidden.shape), hidden.dtype, tuple(top_k_weights.shape), top_k_weights.dtype, num_rows, act_fn
