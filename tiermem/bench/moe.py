@@ -180,7 +180,8 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     stats = runtime.stats()
     runtime.close()
     moved = stats["demand_bytes"] + stats["prefetch_bytes"]
-    return {"mode": mode, "policy": policy, "predictor": predictor.name if predictor else None, "compute": compute.value, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
+    return {"mode": mode, "policy": policy, "predictor": predictor.name if predictor else None,
+            "compute": compute.value, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
                 "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
