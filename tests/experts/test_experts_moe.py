@@ -11,6 +11,7 @@ from torch import nn
 from tiermem.errors import CapacityError, ConfigError
 from tiermem.experts import OffloadedMoE, offload
 from tiermem.experts.compute import route
+from tiermem.experts.grouped import wave_rows
 from tiermem.predict.base import RouteContext
 
 from .conftest import HIDDEN, NUM_EXPERTS, TOP_K, FusedExperts
@@ -265,3 +266,18 @@ def test_predictors_inside_offload_see_the_anchor_layers_router_input():
     handle.close()
     assert predictor.hidden and all(h is not None for h in predictor.hidden)
     assert torch.equal(predictor.hidden[0], inputs[0].reshape(predictor.hidden[0].shape))
+
+
+def test_wave_rows_groups_pairs_by_slot_stably_and_drops_experts_without_a_slot():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        num_experts, num_slots, num_pairs = rng.integers(1, 70), rng.integers(1, 40), rng.integers(0, 300)
+        expert_of_pair = rng.integers(-2, num_experts + 2, num_pairs)  # out-of-range ids: dropped pairs
+        slot_of_expert = np.where(rng.random(num_experts) < 0.6, rng.integers(0, num_slots, num_experts), -1)
+        rows = wave_rows(expert_of_pair, slot_of_expert, num_slots)
+        known = (expert_of_pair >= 0) & (expert_of_pair < num_experts)
+        slot = np.full(num_pairs, -1)
+        slot[known] = slot_of_expert[expert_of_pair[known]]
+        kept = np.flatnonzero(slot >= 0)
+        np.testing.assert_array_equal(rows.pairs, kept[np.argsort(slot[kept], kind="stable")])
+        np.testing.assert_array_equal(rows.offsets, np.cumsum(np.bincount(slot[kept], minlength=num_slots)))

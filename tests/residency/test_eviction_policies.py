@@ -53,6 +53,16 @@ def test_lfu_counts_survive_eviction_and_decay_halves_them_per_half_life():
     assert order == [K0, K1]
 
 
+def test_recording_a_layers_counts_at_once_equals_recording_them_one_by_one():
+    one_by_one, at_once = ActivationCounts(half_life_ticks=10), ActivationCounts(half_life_ticks=10)
+    for tick, uses in ((0, ((K0, 8), (K1, 2))), (10, ((K0, 1), (K2, 4))), (30, ((K1, 5),))):
+        for key, count in uses:
+            one_by_one.record(key, tick, count)
+        at_once.record_many(uses, tick)
+    assert [at_once.count(k) for k in (K0, K1, K2, K3)] == [one_by_one.count(k) for k in (K0, K1, K2, K3)]
+    assert at_once.count(K0) == pytest.approx((8 * 0.5 + 1) * 0.25)
+
+
 def test_predicted_policy_evicts_the_lowest_predicted_score_first():
     scores = PredictionScores()
     scores.update({K0: 0.9, K1: 0.1, K2: 0.5})  # K3 never predicted: score 0

@@ -41,7 +41,7 @@ from tiermem.experts.runtime import ExpertCompute, ExpertRuntime, OffloadConfig
 from tiermem.experts.store import ExpertStore
 from tiermem.manager import ManagerConfig, TierManager
 from tiermem.predict import PREDICTORS
-from tiermem.predict.base import RouteContext
+from tiermem.predict.base import Predictor, RouteContext
 from tiermem.predict.trace import RouteTrace
 from tiermem.predict.trace import load_trace as load_route_trace
 from tiermem.prefetch.prefetcher import PrefetchConfig
@@ -100,14 +100,25 @@ class CrossFitted:
         seqs = routes.sequence_ids
         self.name = name
         self.models = [entry.factory(config, routes.select_sequences(seqs[seqs % 2 != parity])) for parity in (0, 1)]
-        self.seqs = np.zeros(0, dtype=np.int64)
+        self._parity = np.zeros((1, 0, 1), dtype=np.int64)
+        self._single: Predictor | None = None  # the one model serving every row of the step, if one does
+
+    @property
+    def seqs(self) -> np.ndarray:
+        return self._parity.reshape(-1)
+
+    @seqs.setter
+    def seqs(self, seqs: np.ndarray) -> None:
+        """The sequence of each batch row of the coming step (decided here once, not per layer)."""
+        parity = np.asarray(seqs, dtype=np.int64) % 2
+        self._parity = parity[None, :, None]
+        self._single = self.models[int(parity[0])] if parity.size and (parity == parity[0]).all() else None
 
     def predict(self, context: RouteContext, distance: int) -> np.ndarray:
-        parity = self.seqs % 2
-        if (parity == parity[0]).all():  # one model serves every row (always at batch 1): predict once
-            return self.models[int(parity[0])].predict(context, distance)
-        parity = parity[None, :, None]
-        return np.where(parity == 0, self.models[0].predict(context, distance), self.models[1].predict(context, distance))
+        if self._single is not None:  # one model serves every row (always at batch 1): predict once
+            return self._single.predict(context, distance)
+        return np.where(self._parity == 0, self.models[0].predict(context, distance),
+                        self.models[1].predict(context, distance))
 
 
 def workloads(traces_dir: Path, names: list[str], quick: bool) -> list[Workload]:

@@ -13,6 +13,9 @@ Invariants:
 - inputs are copied into the graph's static buffers on the current stream right before the replay,
   after the stream waited for the wave's copies, and the result is cloned out of the graph's memory,
   so a caller may keep it across later replays;
+- the wave's index goes up from a pinned staging buffer of the graph's own, rewritten only after the
+  previous replay's copy out of it completed (an event), so the host never waits on the GPU for it
+  in practice and no pinned memory is allocated per replay;
 - the slot weights are views of the cache memory, whose address is fixed while the runtime is open;
   ``clear()`` drops every graph and the runtime calls it on close;
 - a shape whose capture fails is logged once and runs eagerly from then on; at most ``max_graphs``
@@ -28,7 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tiermem.experts.grouped import SlotWeights, WaveRows, compute_wave, pair_buffer, sum_pairs, wave_index
+from tiermem.experts.grouped import (
+    SlotWeights,
+    WaveRows,
+    compute_wave,
+    pair_buffer,
+    sum_pairs,
+    wave_index,
+    write_wave_index,
+)
 
 log = logging.getLogger("tiermem.experts")
 
@@ -41,6 +52,8 @@ class _Captured:
     hidden: torch.Tensor  # static inputs, copied in before each replay
     top_k_weights: torch.Tensor
     index: torch.Tensor
+    staging: torch.Tensor  # pinned host copy of ``index``, written before each replay
+    staged: torch.cuda.Event  # recorded after the copy out of ``staging``
     out: torch.Tensor  # the layer's output, in the graph's memory
 
 
@@ -60,9 +73,12 @@ class WaveGraphs:
         captured = self._graph(group, hidden, top_k_weights, rows, act_fn)
         if captured is None:
             return None
+        captured.staged.synchronize()  # the previous replay's index copy has read the staging buffer
+        write_wave_index(rows, top_k_weights.shape[-1], captured.staging.numpy())
         captured.hidden.copy_(hidden)
         captured.top_k_weights.copy_(top_k_weights)
-        captured.index.copy_(wave_index(rows, top_k_weights.shape[-1]).pin_memory(), non_blocking=True)
+        captured.index.copy_(captured.staging, non_blocking=True)
+        captured.staged.record()
         captured.graph.replay()
         self.replays += 1
         return captured.out.clone()
@@ -123,7 +139,9 @@ class WaveGraphs:
             log.warning("expert graphs: capturing a layer of %d token(s) on slot group %d failed (%s); it runs "
                         "eagerly", hidden.shape[0], group, exc)
             return None
-        captured = self._graphs[key] = _Captured(graph, static_hidden, static_weights, static_index, out)
+        staging = torch.empty(static_index.shape, dtype=static_index.dtype, pin_memory=True)
+        captured = self._graphs[key] = _Captured(graph, static_hidden, static_weights, static_index, staging,
+                                                 torch.cuda.Event(), out)
         log.debug("expert graphs: captured slot group %d, %d token(s) (%d graph(s))", group, hidden.shape[0],
                   len(self._graphs))
         return captured

@@ -9,7 +9,8 @@ compute -> predict and prefetch the next layers. Two ways to compute, chosen by 
   compute launches, right behind this layer's misses, since launching the loop takes long;
 - ``grouped``: each wave's experts in two grouped GEMMs over their slots, as transformers'
   ``grouped_mm`` experts (``tiermem.experts.grouped``); the prefetch is planned and queued after the
-  first wave's launches, so its host time overlaps the GPU's work on this layer.
+  last wave's launches, so its host time overlaps the GPU's work on this layer and its copies do not
+  compete with a later wave's misses for the link.
 
 Either way the output is bit-identical to the all-resident module computed the same way. Inference
 only: slot weights are not parameters and carry no gradients.
@@ -167,14 +168,15 @@ class ExpertRuntime:
         """Record layer ``layer``'s routing ``[T, K]`` (tracker, activation counts); returns the predictors'
         context (``hidden``: the router's input as the model computed it, gain of the norm included), the
         tick and the hit experts' keys -> expert ids, in ascending expert order."""
+        num_experts = self.store.num_experts
         pairs = index.reshape(-1)
-        experts, uses = np.unique(pairs[(pairs >= 0) & (pairs < self.store.num_experts)], return_counts=True)
+        uses = np.bincount(pairs[(pairs >= 0) & (pairs < num_experts)], minlength=num_experts)
+        experts = np.flatnonzero(uses)
         context, tick = self.tracker.record(self.store.position(layer), index, hidden)
         layer_keys = self._keys[layer]
         expert_of = {layer_keys[e]: e for e in experts.tolist()}
         self.phases.lap("route")
-        for key, count in zip(expert_of, uses.tolist()):
-            self.counts.record(key, tick, float(count))
+        self.counts.record_many(zip(expert_of, uses[experts].tolist()), tick)
         self.phases.lap("stats")
         return context, tick, expert_of
 
@@ -190,7 +192,6 @@ class ExpertRuntime:
         weights = self._slot_weights[group]
         first_slot = group * self.cache.pool.slots_per_group
         out, result = None, None
-        prefetched = False
         for wave in self.prefetcher.demand(list(expert_of), tick):
             slot_of_expert = np.full(num_experts, -1, dtype=np.int64)
             for key in wave:
@@ -203,9 +204,9 @@ class ExpertRuntime:
                 out = pair_buffer(hidden, top_k_weights, weights) if out is None else out
                 run_wave(hidden, top_k_weights, rows, weights, act_fn, out)
             phases.lap("compute")
-            if not prefetched:  # after the launches: planning overlaps the GPU's work on this layer
-                self.prefetcher.prefetch(context, tick, needed_now=frozenset(expert_of))
-                prefetched = True
+        # after the last wave's launches: planning overlaps the GPU's work on this layer, and the prefetch
+        # copies (which start once this layer's misses landed) never share the link with a later wave's
+        self.prefetcher.prefetch(context, tick, needed_now=frozenset(expert_of))
         if result is None:
             result = sum_pairs(out, index.shape[0], hidden.dtype)
         phases.lap("compute")
@@ -246,7 +247,8 @@ class ExpertRuntime:
         if self._graphs is not None:
             self._graphs.clear()
         self.prefetcher.drain()
-        self.cache.memory = torch.empty(0, dtype=torch.uint8, device=self.cache.device)
+        self._slot_weights = []  # views of the slots: they would keep the HBM alive
+        self.cache.release()
 
 
 def _slots_per_group(store: ExpertStore, config: OffloadConfig, top_k: int) -> int:

@@ -51,6 +51,7 @@ class CoOccurrencePredictor:
         self.step = step  # float32 [L, E, E]
         self.popularity = popularity  # float32 [L, E]
         self.config = config
+        self._weight, self._tie_break = np.float32(config.step_weight), np.float32(_TIE_BREAK)
         self.predict(RouteContext(num_experts=popularity.shape[1], layer=-1,  # compile (or load) now, not mid-decode
                                   current=np.full((1, popularity.shape[0], 1), -1, dtype=np.int16)), 1)
 
@@ -78,30 +79,34 @@ class CoOccurrencePredictor:
                 f"predict: co-occurrence tables cover distances up to {depth}, asked for {distance}; "
                 f"fit with CoOccurrenceConfig(max_distance={distance})"
             )
-        anchor, batch = context.layer, context.batch_size
+        anchor, batch, top_k = context.layer, context.batch_size, context.current.shape[2]
+        # one buffer of source expert ids, -1 where unknown: [0] the anchor's, [d] the step source of distance d
+        # (few numpy calls: this runs once per routed layer, and each call costs microseconds there)
+        sources = np.full((distance + 1, batch, top_k), -1, dtype=np.int64)
+        if anchor >= 0:
+            sources[0] = context.current[:, anchor]
         ahead = layers_ahead(anchor, distance, num_layers)
-        targets = np.array([layer for _, layer in ahead])
-        no_source = np.full((batch, context.current.shape[2]), -1, dtype=np.int16)
-        step_sources = np.stack([_step_source(context, steps, layer, no_source) for steps, layer in ahead])
-        cross_sources = context.current[:, anchor] if anchor >= 0 else no_source
+        for d, (steps, layer) in enumerate(ahead, start=1):
+            source = _step_source(context, steps, layer)
+            if source is not None:
+                sources[d] = source
         cross_tables = self.cross[max(anchor, 0)]  # [depth, E, E]; unused when anchor < 0 (no known source)
-        return _scores(cross_tables, self.step, self.popularity, targets,  # C-contiguous: one compiled signature
-                       np.ascontiguousarray(cross_sources, dtype=np.int64),
-                       np.ascontiguousarray(step_sources, dtype=np.int64),
-                       np.float32(self.config.step_weight), np.float32(_TIE_BREAK))
+        return _scores(cross_tables, self.step, self.popularity, np.array([layer for _, layer in ahead]),
+                       sources, self._weight, self._tie_break)
 
 
 @numba.njit(cache=True, nogil=True)
 def _scores(cross: np.ndarray, step: np.ndarray, popularity: np.ndarray, targets: np.ndarray,
-            cross_sources: np.ndarray, step_sources: np.ndarray, weight: np.float32,
+            sources: np.ndarray, weight: np.float32,
             tie_break: np.float32) -> np.ndarray:  # pragma: no cover - compiled; tested against numpy
     """Scores ``[D, B, E]``: per target, the weighted means of the known sources' table rows.
 
     ``cross`` is the anchor's ``[depth, E, E]`` tables, ``step`` ``[L, E, E]``, ``popularity``
-    ``[L, E]``; ``cross_sources`` ``[B, K]`` and ``step_sources`` ``[D, B, K]`` hold expert ids, -1
-    where unknown. One compiled pass: a per-layer call costs microseconds, not a dozen numpy calls.
+    ``[L, E]``; ``sources`` ``[1 + D, B, K]`` holds expert ids, -1 where unknown: ``[0]`` the anchor
+    layer's (cross-layer source), ``[d]`` the target's layer one token earlier (step source). One
+    compiled pass: a per-layer call costs microseconds, not a dozen numpy calls.
     """
-    distance, batch, top_k = step_sources.shape
+    distance, batch, top_k = sources.shape[0] - 1, sources.shape[1], sources.shape[2]
     num_experts = popularity.shape[1]
     out = np.empty((distance, batch, num_experts), dtype=np.float32)
     cross_sum = np.empty(num_experts, dtype=np.float32)
@@ -114,11 +119,11 @@ def _scores(cross: np.ndarray, step: np.ndarray, popularity: np.ndarray, targets
             cross_known = 0
             step_known = 0
             for k in range(top_k):
-                source = cross_sources[b, k]
+                source = sources[0, b, k]
                 if source >= 0:
                     cross_known += 1
                     cross_sum += cross[d, source]
-                source = step_sources[d, b, k]
+                source = sources[d + 1, b, k]
                 if source >= 0:
                     step_known += 1
                     step_sum += step[target, source]
@@ -138,13 +143,13 @@ def _scores(cross: np.ndarray, step: np.ndarray, popularity: np.ndarray, targets
     return out
 
 
-def _step_source(context: RouteContext, steps: int, layer: int, none: np.ndarray) -> np.ndarray:
-    """The experts of the target's layer one token earlier, where the context knows them."""
+def _step_source(context: RouteContext, steps: int, layer: int) -> np.ndarray | None:
+    """The experts of the target's layer one token earlier, where the context knows them (else None)."""
     if steps == 0 and context.previous is not None:
         return context.previous[:, layer]
     if steps == 1 and layer <= context.layer:
         return context.current[:, layer]
-    return none
+    return None
 
 
 def _count_pairs(table: np.ndarray, sources: np.ndarray, targets: np.ndarray) -> None:

@@ -115,6 +115,7 @@ class Prefetcher:
         self._last_use: dict[ObjectKey, torch.cuda.Event] = {}  # key -> event after its last queued use
         self._slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after which it may be overwritten
         self._layer_demands: list[TransferHandle] = []
+        self._compute_stream: torch.cuda.Stream | None = None  # the current stream at the latest demand
         # MoE layer position -> its objects' keys, and each key's index among them
         self._position_keys: dict[int, tuple[tuple[ObjectKey, ...], dict[ObjectKey, int]]] = {}
         first = homes.key_at(0, 0)
@@ -131,6 +132,8 @@ class Prefetcher:
         """
         self._reap()
         self._layer_demands.clear()
+        # the stream that uses this layer's waves, asked once per layer (each ask costs microseconds)
+        self._compute_stream = torch.cuda.current_stream(self.cache.device) if self._cuda else None
         if self.window is not None:
             self.window.layer_started()
         present = [k for k in keys if self.cache.contains(k)]
@@ -159,7 +162,7 @@ class Prefetcher:
             finally:
                 if self._cuda and wave:
                     used = torch.cuda.Event()
-                    used.record(torch.cuda.current_stream(self.cache.device))
+                    used.record(self._compute_stream)
                     self._last_use.update(dict.fromkeys(wave, used))
                 for key in wave:
                     self.cache.unpin(key)
@@ -172,7 +175,7 @@ class Prefetcher:
             if handle.done():
                 self._land(key)
             elif self._cuda:
-                stream = torch.cuda.current_stream(self.cache.device)
+                stream = self._compute_stream or torch.cuda.current_stream(self.cache.device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record(stream)
                 handle.wait_on(stream)
@@ -226,22 +229,23 @@ class Prefetcher:
             self.phases.lap("prefetch_plan")
             return 0
         # the planner sees the best absent candidates and the group's resident keys (its possible victims),
-        # not the whole layer: ranking in numpy keeps the host cost flat in the number of experts
-        resident, in_flight = self.cache.resident(group), self.cache.in_flight(group)
-        eligible = per_object > budget.min_score
-        eligible[[index_of[k] for k in resident if k in index_of]] = False
-        eligible[[index_of[k] for k in in_flight if k in index_of]] = False
-        candidates = np.flatnonzero(eligible)
-        if candidates.size == 0:  # everything worth loading is here or coming: no eviction order needed
+        # not the whole layer: walking the layer by descending score stops at the budget's last candidate
+        values = per_object.tolist()
+        scores: dict[ObjectKey, float] = {}
+        for i in np.argsort(-per_object, kind="stable").tolist():
+            if values[i] <= budget.min_score:
+                break
+            if not self.cache.contains(keys[i]):  # absent: neither resident nor in flight
+                scores[keys[i]] = values[i]
+                if len(scores) == budget.max_objects:
+                    break
+        if not scores:  # everything worth loading is here or coming: no eviction order needed
             self.phases.lap("prefetch_plan")
             return 0
-        best = candidates[np.argsort(-per_object[candidates], kind="stable")[: budget.max_objects]]
-        order = self.cache.order(group)
-        values = per_object.tolist()
-        scores = {keys[i]: values[i] for i in best.tolist()}
+        free = self.cache.free_slots(group)
+        order = self.cache.order(group) if free < len(scores) else []  # victims only when the free slots fall short
         scores.update((k, values[index_of[k]]) for k in order if k in index_of)
-        plan = plan_prefetch(scores, order, in_flight, self.cache.pinned(), self.cache.free_slots(group),
-                             budget, needed_now)
+        plan = plan_prefetch(scores, order, self.cache.in_flight(group), self.cache.pinned(), free, budget, needed_now)
         if not plan.loads:
             self.phases.lap("prefetch_plan")
             return 0

@@ -148,5 +148,5 @@ def make_policy(name: str, signals: PolicySignals, options: Mapping[str, Any] | 
 
 def eviction_order(entries: Iterable[CacheEntry], policy: EvictionPolicy) -> list[ObjectKey]:
     """Keys sorted for eviction: lowest priority first, then least recently used, then by key."""
-    ranked = sorted(entries, key=lambda e: (policy.priority(e), e.last_use_tick, e.key))
-    return [e.key for e in ranked]
+    priority = policy.priority
+    return [key for _, _, key in sorted([(priority(e), e.last_use_tick, e.key) for e in entries])]

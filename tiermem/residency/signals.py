@@ -41,6 +41,13 @@ class ActivationCounts:
             self._now = max(self._now, tick)
             self._counts[key] = (self._decayed(key, self._now) + uses, self._now)
 
+    def record_many(self, uses: Iterable[tuple[ObjectKey, float]], tick: int) -> None:
+        """``record`` each ``(key, uses)`` pair at ``tick``, under one lock (a routed layer's experts at once)."""
+        with self._lock:
+            self._now = max(self._now, tick)
+            for key, count in uses:
+                self._counts[key] = (self._decayed(key, self._now) + count, self._now)
+
     def count(self, key: ObjectKey) -> float:
         """The (decayed) activation count of ``key`` as of the latest recorded tick."""
         with self._lock:

@@ -74,6 +74,7 @@ class TransferHandle:
         self._futures = futures
         self._parts = parts
         self._submitted_s = time.perf_counter()
+        self._done = False  # latched: a plan that completed stays complete
 
     def part(self, index: int) -> TransferHandle:
         """The completion of copy ``index`` of the submitted plan alone."""
@@ -84,7 +85,9 @@ class TransferHandle:
 
     def done(self) -> bool:
         """True once every byte has landed (or a host-side part failed: ``wait`` then raises)."""
-        return all(f.done() for f in self._futures) and all(e.query() for e in self._events)
+        if not self._done:
+            self._done = all(f.done() for f in self._futures) and all(e.query() for e in self._events)
+        return self._done
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Block until the plan completed; raise TransferError on failure or after ``timeout_s``."""
