@@ -29,11 +29,13 @@ Design note. One object (an expert) moves through these states::
 - Demand goes first: the prefetch copies of a layer wait for that layer's demand copies, so they
   share the link only with compute and with the next layer's CPU work, not with this layer's misses;
   they run on the engine's background streams, so the next layer's demand never queues behind them.
-- Prefetch never delays demand: it is queued right after the layer's misses (so it moves while the
-  host launches compute), and one layer may prefetch only the bytes that can finish before the next
-  layer's demand (``LinkWindow``: measured host time from a prefetch decision to the next demand,
-  minus the link time of every byte already queued, times ``link_fill``); it evicts only objects
-  predicted lower than what it loads, and loads only objects whose expected uses exceed ``min_score``.
+- Prefetch is weighed against the demand it may delay: it is queued right after the layer's misses (so
+  it moves while the host launches compute), and one layer may prefetch the objects that finish before
+  the next layer's demand, plus one that overhangs it when its expected saving beats its expected
+  delay (``LinkWindow``: measured host time from a prefetch decision to the next demand, minus the
+  link time of every byte already queued, times ``link_fill``; the chance of being right is the
+  measured share of prefetched objects used before eviction); it evicts only objects predicted lower
+  than what it loads, and loads only objects whose expected uses exceed ``min_score``.
 - A demanded object that is absent is a miss: it is fetched now (a "synchronous" fetch: the compute
   stream waits for it) and counted. A demanded object in flight is a hit that may stall; the time
   the compute stream waited is measured with timing events around the wait (GPU) or the wall clock
@@ -66,6 +68,8 @@ from tiermem.types import ObjectKey
 
 log = logging.getLogger("tiermem.prefetch")
 
+PRECISION_SMOOTHING = 1 / 32  # weight of each resolved prefetch (used or evicted unused) in the precision estimate
+
 
 @dataclass(frozen=True)
 class PrefetchConfig:
@@ -75,8 +79,10 @@ class PrefetchConfig:
     objects_per_layer: int = option(4, help="Most objects one prefetch may load into one target layer.")
     min_score: float = option(0.0, help="Load only objects whose summed predicted score (expected uses in the "
                                         "batch) is above this.")
-    link_fill: float | None = option(0.8, help="Share of the link time left before the next layer's demand that "
-                                               "prefetch may fill; None: no link cap (objects_per_layer alone).")
+    link_fill: float | None = option(1.0, help="Share of the link time left before the next layer's demand that "
+                                               "prefetch may count on (objects overhanging it are admitted by "
+                                               "their measured precision); None: no link cap (objects_per_layer "
+                                               "alone).")
     link_gbps: float | None = option(None, help="Host-to-HBM bandwidth for the link cap; None: the source tier's "
                                                 "link profile.", unit="GB/s")
 
@@ -106,6 +112,9 @@ class Prefetcher:
         self.phases = phases or HostPhases(enabled=False)
         self._loads: dict[ObjectKey, TransferHandle] = {}
         self._unused_prefetches: set[ObjectKey] = set()
+        # chance that a prefetched object is used before it is evicted (running average; a neutral prior),
+        # which the link window weighs against the delay an unused one causes
+        self.precision = 0.5
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._cuda = self.cache.device.type == "cuda"
         # gates: the engine's copy streams wait on the submitting stream, so copies are submitted from
@@ -142,8 +151,10 @@ class Prefetcher:
         self.stats.hits += len(present)
         self.stats.late += sum(1 for k in present if k in self._loads)
         used = self._unused_prefetches.intersection(present)
-        self.stats.prefetch_used += len(used)
-        self._unused_prefetches -= used
+        if used:
+            self.stats.prefetch_used += len(used)
+            self._unused_prefetches -= used
+            self._observe_prefetches(len(used), 1.0)
         wave: list[ObjectKey] = []
         for key in present:
             self.cache.pin(key)
@@ -219,12 +230,13 @@ class Prefetcher:
                         tick: int, needed_now: frozenset[ObjectKey]) -> int:
         """Plan and issue one target layer's prefetch; ``keys[i]`` (``index_of`` maps back) has ``per_object[i]``."""
         group = self.cache.group_of(keys[0])
-        max_bytes = self.config.objects_per_layer * self._object_bytes
+        objects = self.config.objects_per_layer
         if self.window is not None:
-            link_bytes = self.window.budget_bytes()
-            self.stats.prefetch_capped += link_bytes < max_bytes
-            max_bytes = min(max_bytes, link_bytes)
-        budget = PrefetchBudget(max_bytes=max_bytes, object_bytes=self._object_bytes, min_score=self.config.min_score)
+            admitted = self.window.admitted(self._object_bytes, objects, self.precision)
+            self.stats.prefetch_capped += admitted < objects
+            objects = admitted
+        budget = PrefetchBudget(max_bytes=objects * self._object_bytes, object_bytes=self._object_bytes,
+                                min_score=self.config.min_score)
         if budget.max_objects == 0:
             self.phases.lap("prefetch_plan")
             return 0
@@ -371,6 +383,12 @@ class Prefetcher:
         if key in self._unused_prefetches:
             self._unused_prefetches.discard(key)
             self.stats.prefetch_evicted_unused += 1
+            self._observe_prefetches(1, 0.0)
+
+    def _observe_prefetches(self, count: int, outcome: float) -> None:
+        """``count`` prefetched objects were used (1.0) or evicted unused (0.0): move the precision estimate."""
+        for _ in range(count):
+            self.precision += PRECISION_SMOOTHING * (outcome - self.precision)
 
     def _land(self, key: ObjectKey) -> None:
         del self._loads[key]

@@ -5,13 +5,22 @@ critical path), the prefetch of the next layers is queued behind them, the host 
 then the next layer's routing arrives and its misses need the link. A prefetch byte still moving
 then delays that demand (copies share the link), so prefetch may use only the link time between
 the end of the copies already queued and the next demand:
-``budget = fill x bandwidth x max(0, lead - backlog)``, where ``lead`` is the measured host time from
-a prefetch decision to the next layer's demand (exponential average: in a host-bound step that is
-most of the layer, and the link is idle in it), and ``backlog`` is the time the link still needs for
-every byte queued so far (a virtual clock advanced by ``bytes / bandwidth`` per submit).
+the free link time is ``free = fill x max(0, lead - backlog)``, where ``lead`` is the measured host time
+from a prefetch decision to the next layer's demand (exponential average: in a host-bound step that
+is most of the layer, and the link is idle in it), and ``backlog`` is the time the link still needs
+for every byte queued so far (a virtual clock advanced by ``bytes / bandwidth`` per submit).
 
-Invariants: the budget is 0 until one lead has been measured (no blind prefetch); it never goes
-negative; bytes already queued (demand or prefetch, of this layer or earlier ones) count against it.
+Objects are admitted in score order by their expected effect on the next demand. Object ``i`` (of
+link time ``t``) would still be moving for ``spill_i = max(0, i t - free) - max(0, (i-1) t - free)``
+after the demand arrives. If it was predicted right, it moves bytes that demand needs anyway and
+saves ``t - spill_i`` of it; if wrong, its spill delays the demand. With ``p`` the chance it is right,
+the prefetch pays when ``p (t - spill_i) > (1 - p) spill_i``, i.e. ``spill_i < p t``: whole objects
+that fit in the free time always pass, and an object that overhangs the window passes when it is
+likely enough (no cliff at a whole object's size).
+
+Invariants: nothing is admitted until one lead has been measured (no blind prefetch); the free time
+never goes negative; bytes already queued (demand or prefetch, of this layer or earlier ones) count
+against it; admitted objects are a prefix of the candidates (spill never shrinks with ``i``).
 """
 
 from __future__ import annotations
@@ -45,11 +54,19 @@ class LinkWindow:
         now_s = time.perf_counter() if now_s is None else now_s
         self._busy_until_s = max(now_s, self._busy_until_s) + nbytes / (self.bandwidth_gbps * 1e9)
 
-    def budget_bytes(self, now_s: float | None = None) -> int:
-        """Prefetch bytes that can move now and finish before the next demand; marks a prefetch decision."""
+    def admitted(self, object_bytes: int, max_objects: int, precision: float, now_s: float | None = None) -> int:
+        """How many of the best ``max_objects`` candidates of ``object_bytes`` each may be queued now, when
+        a prefetched object is used with probability ``precision``; marks a prefetch decision."""
         now_s = time.perf_counter() if now_s is None else now_s
         self._decided_s = now_s
         if self.lead_s is None:
             return 0
-        backlog_s = max(0.0, self._busy_until_s - now_s)
-        return int(self.fill * max(0.0, self.lead_s - backlog_s) * self.bandwidth_gbps * 1e9)
+        free_s = self.fill * max(0.0, self.lead_s - max(0.0, self._busy_until_s - now_s))
+        object_s = object_bytes / (self.bandwidth_gbps * 1e9)
+        count = 0
+        while count < max_objects:
+            spill_s = max(0.0, (count + 1) * object_s - free_s) - max(0.0, count * object_s - free_s)
+            if spill_s > 0.0 and spill_s >= precision * object_s:
+                break
+            count += 1
+        return count
