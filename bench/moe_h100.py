@@ -5,6 +5,9 @@ Run from the repository root with the shared traces copied to ``.traces/``::
     PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe           # full suite (acceptance set first)
     PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --quick   # a 1-minute smoke run
     PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --only qwen3-30b-a3b@qwen   # chosen workloads
+    PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --only qwen3-30b-a3b@moe-lm --predictor learned
+        # Qwen3-shaped experts routed by the small MoE LM, with its recorded router inputs for the predictor
+        # (.traces/moe-lm-trace.npz: the trace.npz of bench/moe_lm's record stage)
 
 Each workload writes ``<out>/<workload>/moe.jsonl`` (one JSON line per run, summary and workload
 header with the raw pinned copy bandwidth measured in the same process). Workloads after the time
@@ -38,6 +41,9 @@ FULL = (
     ("mixtral-8x7b@mixtral", (0.5,), (1,), 40),
 )
 QUICK = (("qwen3-30b-a3b@qwen", (0.25,), (1, 8), 24),)
+# run only when named with --only: routing of the small MoE LM (bench/moe_lm), whose recorded router inputs
+# let a predictor read hidden states; needs .traces/moe-lm-trace.npz (record's trace.npz, made on the GPU)
+EXTRA = (("qwen3-30b-a3b@moe-lm", (0.25, 0.5), (1, 8), 160),)
 
 
 PHASES = ("route_sync", "route", "stats", "demand_plan", "demand_submit", "predict", "prefetch_plan",
@@ -62,14 +68,15 @@ def main() -> int:
     parser.add_argument("--traces-dir", default=".traces", help="folder holding the shared .npz traces")
     parser.add_argument("--quick", action="store_true", help="one small workload")
     add_run_options(parser)
-    parser.add_argument("--only", nargs="+", choices=[w for w, *_ in FULL],
-                        help="run just these workloads of the full suite")
+    parser.add_argument("--only", nargs="+", choices=[w for w, *_ in FULL + EXTRA],
+                        help="run just these workloads (of the full suite, or the extra ones)")
     options = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(options.out)
     began = time.perf_counter()
     skipped = []
-    suite = QUICK if options.quick else tuple(w for w in FULL if options.only is None or w[0] in options.only)
+    suite = QUICK if options.quick else (FULL if options.only is None else
+                                         tuple(w for w in FULL + EXTRA if w[0] in options.only))
     records = []
     for workload, fractions, batches, max_steps in suite:
         if time.perf_counter() - began > TIME_GUARD_S:

@@ -52,3 +52,44 @@ def test_the_bench_predictor_is_any_registered_one_fitted_on_the_other_half_of_t
         assert np.array_equal(scores[:, row], alone[:, 0])
     with pytest.raises(RegistryError):
         moe.CrossFitted(routes, 1, "no-such-predictor")
+
+
+def test_a_trace_with_router_inputs_hands_each_layers_recorded_input_to_the_predictor(tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from tiermem.manager import ManagerConfig, TierManager
+    from tiermem.predict.synthetic import SyntheticConfig, synthetic_trace
+    from tiermem.predict.trace import save_trace
+    from tiermem.prefetch.prefetcher import PrefetchConfig
+
+    routes = synthetic_trace(SyntheticConfig(num_sequences=4, num_layers=3, num_experts=16, top_k=2, seed=1))
+    hidden = np.random.default_rng(0).standard_normal((routes.num_tokens, 3, 8)).astype(np.float16)
+    save_trace(dataclasses.replace(routes, hidden=hidden), tmp_path / moe.REAL_TRACES["moe-lm"])
+    work = moe.workloads(tmp_path, ["tiny@moe-lm"], False)[0]
+    seen: list[tuple[int, np.ndarray]] = []
+
+    class Records:  # stands in for a cross-fitted predictor: the bench sets seqs and reads name
+        name, seqs = "records", None
+
+        def predict(self, context, distance):
+            seen.append((context.layer, context.hidden.numpy()))
+            return np.zeros((distance, context.batch_size, context.num_experts), dtype=np.float32)
+
+    predictor = Records()
+    manager = TierManager(ManagerConfig.from_dict({"tiers": [{"kind": "dram", "capacity_bytes": "64MiB",
+                                                              "arena_bytes": "8MiB"}]}))
+    store = moe.build_store(manager, work.shape, work.trace.layers, torch.device("cpu"), torch.bfloat16)
+    steps, _ = moe.batch_steps(work.trace, 2, 4)
+    moe.run_mode(store, work, steps, mode="tiermem", fraction=0.5, batch=2, device=torch.device("cpu"),
+                 prefetch=PrefetchConfig(distance=1, link_fill=None), predictor=predictor)
+    assert len(seen) == len(steps) * 3
+    for i, step in enumerate(steps):
+        for position in range(3):
+            layer, got = seen[i * 3 + position]
+            assert layer == position
+            np.testing.assert_array_equal(got, hidden[list(step.rows), position].astype(np.float32))
+    store.close()
+    manager.close()

@@ -73,7 +73,9 @@ SHAPES = {  # from the models' published configs
     "deepseek-v3": ExpertShape(7168, 2048, 256, 8),
     "tiny": ExpertShape(64, 32, 16, 2),  # CPU smoke runs
 }
-REAL_TRACES = {"qwen": "qwen1.5-moe-a2.7b-chat_vllm-moe-logger.npz", "mixtral": "mixtral-8x7b-instruct-fp8_speculative-moe.npz"}
+REAL_TRACES = {"qwen": "qwen1.5-moe-a2.7b-chat_vllm-moe-logger.npz", "mixtral": "mixtral-8x7b-instruct-fp8_speculative-moe.npz",
+               # the small MoE LM's held-out routing with its routers' inputs (bench/moe_lm: record's trace.npz)
+               "moe-lm": "moe-lm-trace.npz"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,6 +170,7 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
                            prefetch=prefetch if predictor else PrefetchConfig(distance=0), time_host_phases=True,
                            compute=compute, cuda_graphs=cuda_graphs)
     runtime = ExpertRuntime(store, config, device=device, top_k=shape.top_k, predictor=predictor)
+    router_inputs = _router_inputs(work, steps) if predictor is not None else None
     hidden = torch.randn(batch, shape.hidden, device=device, dtype=store.layout.tensors[0].dtype)
     weights = torch.full((batch, shape.top_k), 1.0 / shape.top_k, device=device, dtype=hidden.dtype)
     if mode == "all_hbm":
@@ -178,13 +181,14 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     _sync(device)
     began = time.perf_counter()
     tokens = 0
-    for step in steps:
+    for i, step in enumerate(steps):
         rows = len(step.rows)
         if predictor is not None:
             predictor.seqs = np.asarray(step.seqs)
-        for layer in store.layers:
+        for position, layer in enumerate(store.layers):
             index = torch.from_numpy(step.experts[:, layer].astype(np.int64)).to(device)
-            runtime.run_layer(layer, hidden[:rows], index, weights[:rows], F.silu)
+            runtime.run_layer(layer, hidden[:rows], index, weights[:rows], F.silu,
+                              router_input=router_inputs[i][position] if router_inputs else None)
         tokens += rows
     _sync(device)
     elapsed = time.perf_counter() - began
@@ -198,6 +202,15 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
                 "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
                 "prefetch_capped", "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes",
                 "demand_bytes", "host_us_per_layer", "graphs_captured", "graph_replays")}}
+
+
+def _router_inputs(work: Workload, steps: list[Step]) -> list[list[torch.Tensor]] | None:
+    """Per step and layer position, the recorded router inputs ``[B, H]`` of the step's rows (float32, made
+    before the timed loop), for predictors that read ``RouteContext.hidden``; None when the trace has none."""
+    if work.routes is None or work.routes.hidden is None:
+        return None
+    return [[torch.from_numpy(np.ascontiguousarray(work.routes.hidden[list(step.rows), position], dtype=np.float32))
+             for position in range(len(work.trace.layers))] for step in steps]
 
 
 def simulated_hit_rates(trace: SimTrace, fraction: float, batch: int) -> dict[str, float]:

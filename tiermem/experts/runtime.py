@@ -131,9 +131,12 @@ class ExpertRuntime:
 
     def run_layer(
         self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        act_fn: Callable[[torch.Tensor], torch.Tensor], router_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The routed experts' summed output for ``hidden [T, H]`` at real layer ``layer``."""
+        """The routed experts' summed output for ``hidden [T, H]`` at real layer ``layer``.
+
+        ``router_input`` is what predictors see as the router's input (``RouteContext.hidden``); in a
+        model that is ``hidden`` itself (the default), a replay passes the recorded one."""
         if self._closed:
             raise ConfigError("expert runtime: closed (tiermem.offload handle.close() was called); the offloaded "
                               "experts are gone, so the model cannot run anymore")
@@ -141,10 +144,11 @@ class ExpertRuntime:
         phases.start()
         index = top_k_index.to("cpu").numpy()  # the one synchronisation per layer: which experts were hit
         phases.lap("route_sync")
+        router_input = hidden if router_input is None else router_input
         if self.compute is ExpertCompute.GROUPED:
-            return self._run_grouped(layer, index, hidden, top_k_weights, act_fn)
+            return self._run_grouped(layer, index, hidden, top_k_weights, act_fn, router_input)
         routing = route(torch.from_numpy(index), self.store.num_experts, hidden.device)
-        context, tick, by_key = self._record_routing(layer, index, hidden)
+        context, tick, by_key = self._record_routing(layer, index, router_input)
         outputs: dict[int, torch.Tensor] = {}
         prefetched = False
         for wave in self.prefetcher.demand(list(by_key), tick):
@@ -164,7 +168,7 @@ class ExpertRuntime:
         return combined
 
     def _record_routing(self, layer: int, index: np.ndarray,
-                        hidden: torch.Tensor) -> tuple[RouteContext, int, dict[ObjectKey, int]]:
+                        router_input: torch.Tensor) -> tuple[RouteContext, int, dict[ObjectKey, int]]:
         """Record layer ``layer``'s routing ``[T, K]`` (tracker, activation counts); returns the predictors'
         context (``hidden``: the router's input as the model computed it, gain of the norm included), the
         tick and the hit experts' keys -> expert ids, in ascending expert order."""
@@ -172,7 +176,7 @@ class ExpertRuntime:
         pairs = index.reshape(-1)
         uses = np.bincount(pairs[(pairs >= 0) & (pairs < num_experts)], minlength=num_experts)
         experts = np.flatnonzero(uses)
-        context, tick = self.tracker.record(self.store.position(layer), index, hidden)
+        context, tick = self.tracker.record(self.store.position(layer), index, router_input)
         layer_keys = self._keys[layer]
         expert_of = {layer_keys[e]: e for e in experts.tolist()}
         self.phases.lap("route")
@@ -182,12 +186,12 @@ class ExpertRuntime:
 
     def _run_grouped(
         self, layer: int, index: np.ndarray, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        act_fn: Callable[[torch.Tensor], torch.Tensor], router_input: torch.Tensor,
     ) -> torch.Tensor:
         phases = self.phases
         num_experts = self.store.num_experts
         pairs = index.reshape(-1)
-        context, tick, expert_of = self._record_routing(layer, index, hidden)
+        context, tick, expert_of = self._record_routing(layer, index, router_input)
         group = self.cache.group_of(self._keys[layer][0])
         weights = self._slot_weights[group]
         first_slot = group * self.cache.pool.slots_per_group
