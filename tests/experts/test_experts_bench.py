@@ -85,12 +85,11 @@ def test_a_trace_with_router_inputs_hands_each_layers_recorded_input_to_the_pred
     steps, _ = moe.batch_steps(work.trace, 2, 4)
     moe.run_mode(store, work, steps, mode="tiermem", fraction=0.5, batch=2, device=torch.device("cpu"),
                  prefetch=PrefetchConfig(distance=1, link_fill=None), predictor=predictor)
-    # one context per routed layer; the last layer's prefetch waits for a next layer that never comes
-    expected = [(position, hidden[list(step.rows), position].astype(np.float32))
-                for step in steps for position in range(3)][:-1]
-    assert len(seen) >= len(expected)
-    for (layer, got), (position, recorded) in zip(seen, expected):
-        assert layer == position
-        np.testing.assert_array_equal(got, recorded)
+    assert len(seen) == len(steps) * 3
+    for i, step in enumerate(steps):
+        for position in range(3):
+            layer, got = seen[i * 3 + position]
+            assert layer == position
+            np.testing.assert_array_equal(got, hidden[list(step.rows), position].astype(np.float32))
     store.close()
     manager.close()

@@ -180,7 +180,6 @@ def test_route_groups_tokens_exactly_as_torch_where_on_the_reference_mask():
 @pytest.mark.parametrize("config", [
     {"resident_fraction": 0.25, "prefetch": {"distance": 1, "objects_per_layer": 2}},
     {"resident_fraction": 0.5, "slot_layout": "shared", "prefetch": {"distance": 1, "objects_per_layer": 2}},
-    {"resident_fraction": 0.25, "prefetch_in_route_wait": False, "prefetch": {"distance": 1, "objects_per_layer": 2}},
 ])
 def test_grouped_compute_with_prefetch_and_waves_matches_transformers_grouped_mm(config):
     models, common = _tiny_transformers_models()

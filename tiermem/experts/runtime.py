@@ -68,10 +68,6 @@ class OffloadConfig:
     time_host_phases: bool = option(False, help="Time each host phase of a layer (stats()['host_us_per_layer']).")
     compute: ExpertCompute | None = option(None, help="loop (transformers' eager experts) or grouped (its grouped_mm "
                                                       "experts); None: what the model uses (offload), else loop.")
-    prefetch_in_route_wait: bool = option(True, help="grouped compute: plan and queue a layer's prefetch for the "
-                                                     "next layer while the host waits for that layer's routing "
-                                                     "(its host time hides in the wait) instead of at the end of "
-                                                     "the layer.")
     cuda_graphs: bool = option(True, help="grouped compute on a GPU: capture a layer whose pairs fit in one wave "
                                           "in a CUDA graph per shape and replay it (bit-identical, far fewer "
                                           "launches per layer).")
@@ -128,10 +124,6 @@ class ExpertRuntime:
         use_graphs = self.compute is ExpertCompute.GROUPED and config.cuda_graphs and self.cache.device.type == "cuda"
         self._graphs = WaveGraphs(self._slot_weights) if use_graphs else None
         self.tracker = RouteTracker(num_layers=num_layers, num_experts=store.num_experts, top_k=top_k)
-        # a layer's prefetch (context, tick, the layer's keys), run in the next layer's wait for its routing
-        self._pending_prefetch: tuple[RouteContext, int, frozenset[ObjectKey]] | None = None
-        self._route_staging: dict[tuple, torch.Tensor] = {}  # pinned copies of the routing, per shape and dtype
-        self._routed = torch.cuda.Event() if self.cache.device.type == "cuda" else None
         self._closed = False
         log.info("expert runtime: %d slot(s) per group x %d group(s) (%s of HBM), policy %s, prefetch %s",
                  self.cache.pool.slots_per_group, self.cache.num_groups, format_bytes(self.cache.capacity_bytes),
@@ -150,7 +142,7 @@ class ExpertRuntime:
                               "experts are gone, so the model cannot run anymore")
         phases = self.phases
         phases.start()
-        index = self._routing_to_host(top_k_index)  # the one synchronisation per layer: which experts were hit
+        index = top_k_index.to("cpu").numpy()  # the one synchronisation per layer: which experts were hit
         phases.lap("route_sync")
         router_input = hidden if router_input is None else router_input
         if self.compute is ExpertCompute.GROUPED:
@@ -174,27 +166,6 @@ class ExpertRuntime:
         phases.lap("compute")
         phases.layer_done()
         return combined
-
-    def _routing_to_host(self, top_k_index: torch.Tensor) -> np.ndarray:
-        """The routing ``[T, K]`` on the host; a deferred prefetch runs while the GPU finishes computing it.
-
-        The routing goes down by an asynchronous copy into pinned memory, then the prefetcher plans and
-        queues the deferred prefetch (its context is still current: nothing was recorded since), then
-        the host waits for the copy. Where the GPU is behind, the prefetch's host time costs nothing."""
-        pending, self._pending_prefetch = self._pending_prefetch, None
-        if pending is None or not top_k_index.is_cuda:
-            if pending is not None:
-                self.prefetcher.prefetch(pending[0], pending[1], needed_now=pending[2])
-            return top_k_index.to("cpu").numpy()
-        staging = self._route_staging.get((tuple(top_k_index.shape), top_k_index.dtype))
-        if staging is None:
-            staging = torch.empty(top_k_index.shape, dtype=top_k_index.dtype, pin_memory=True)
-            self._route_staging[(tuple(top_k_index.shape), top_k_index.dtype)] = staging
-        staging.copy_(top_k_index, non_blocking=True)
-        self._routed.record(torch.cuda.current_stream(top_k_index.device))
-        self.prefetcher.prefetch(pending[0], pending[1], needed_now=pending[2])
-        self._routed.synchronize()
-        return staging.numpy().copy()  # the staging buffer is reused by the next layer
 
     def _record_routing(self, layer: int, index: np.ndarray,
                         router_input: torch.Tensor) -> tuple[RouteContext, int, dict[ObjectKey, int]]:
@@ -237,12 +208,9 @@ class ExpertRuntime:
                 out = pair_buffer(hidden, top_k_weights, weights) if out is None else out
                 run_wave(hidden, top_k_weights, rows, weights, act_fn, out)
             phases.lap("compute")
-        # after the last wave's launches (its copies never share the link with a later wave's misses), or
-        # deferred into the next layer's wait for its routing
-        if self.config.prefetch_in_route_wait:
-            self._pending_prefetch = (context, tick, frozenset(expert_of))
-        else:
-            self.prefetcher.prefetch(context, tick, needed_now=frozenset(expert_of))
+        # after the last wave's launches: planning overlaps the GPU's work on this layer, and the prefetch
+        # copies (which start once this layer's misses landed) never share the link with a later wave's
+        self.prefetcher.prefetch(context, tick, needed_now=frozenset(expert_of))
         if result is None:
             result = sum_pairs(out, index.shape[0], hidden.dtype)
         phases.lap("compute")
@@ -280,7 +248,6 @@ class ExpertRuntime:
         if self._closed:
             return
         self._closed = True
-        self._pending_prefetch = None
         if self._graphs is not None:
             self._graphs.clear()
         self.prefetcher.drain()
