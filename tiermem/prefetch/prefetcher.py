@@ -29,16 +29,13 @@ Design note. One object (an expert) moves through these states::
 - Demand goes first: the prefetch copies of a layer wait for that layer's demand copies, so they
   share the link only with compute and with the next layer's CPU work, not with this layer's misses;
   they run on the engine's background streams, so the next layer's demand never queues behind them.
-- Prefetch is weighed against what it costs: it is queued right after the layer's misses (so it moves
-  while the host launches compute), and one layer may prefetch the objects whose expected saving (link
-  time and the demand's host time per miss) beats their host cost, among those that finish before the
-  next layer's demand, plus one that overhangs it when the saving also beats the delay it may cause
-  (``LinkWindow``: measured host time from a prefetch decision to the next demand, minus the link time
-  of every byte already queued, times ``link_fill``; the chance of being right is the measured share of
-  prefetched objects used before eviction, per rank in the plan; host times are measured per object);
-  after ``EXPLORE_EVERY`` decisions in a row that admit nothing, one object is tried, so the estimates
-  follow a changing workload. It evicts only objects predicted lower than what it loads, and loads
-  only objects whose expected uses exceed ``min_score``.
+- Prefetch is weighed against the demand it may delay: it is queued right after the layer's misses (so
+  it moves while the host launches compute), and one layer may prefetch the objects that finish before
+  the next layer's demand, plus one that overhangs it when its expected saving beats its expected
+  delay (``LinkWindow``: measured host time from a prefetch decision to the next demand, minus the
+  link time of every byte already queued, times ``link_fill``; the chance of being right is the
+  measured share of prefetched objects used before eviction); it evicts only objects predicted lower
+  than what it loads, and loads only objects whose expected uses exceed ``min_score``.
 - A demanded object that is absent is a miss: it is fetched now (a "synchronous" fetch: the compute
   stream waits for it) and counted. A demanded object in flight is a hit that may stall; the time
   the compute stream waited is measured with timing events around the wait (GPU) or the wall clock
@@ -71,9 +68,7 @@ from tiermem.types import ObjectKey
 
 log = logging.getLogger("tiermem.prefetch")
 
-PRECISION_SMOOTHING = 1 / 32  # weight of each resolved prefetch (used or evicted unused) in its rank's precision
-HOST_SMOOTHING = 0.1  # weight of the newest measurement in the host time per demanded / prefetched object
-EXPLORE_EVERY = 16  # after this many prefetch decisions in a row that admitted nothing, one object is admitted
+PRECISION_SMOOTHING = 1 / 32  # weight of each resolved prefetch (used or evicted unused) in the precision estimate
 
 
 @dataclass(frozen=True)
@@ -116,14 +111,10 @@ class Prefetcher:
         self.stats = PrefetchStats()
         self.phases = phases or HostPhases(enabled=False)
         self._loads: dict[ObjectKey, TransferHandle] = {}
-        self._unused_prefetches: dict[ObjectKey, int] = {}  # prefetched, not used yet -> its rank in its plan
-        # per rank in a plan (best candidate first): the chance that a prefetched object is used before it is
-        # evicted (running averages from a neutral prior), which the link window weighs against its costs
-        self.precision = [0.5] * max(1, config.objects_per_layer)
-        # host seconds per object: a miss's demand work (a hit saves it) and a prefetch's plan and submit
-        self.demand_host_s = 0.0
-        self.prefetch_host_s = 0.0
-        self._declined = 0  # prefetch decisions in a row that admitted nothing
+        self._unused_prefetches: set[ObjectKey] = set()
+        # chance that a prefetched object is used before it is evicted (running average; a neutral prior),
+        # which the link window weighs against the delay an unused one causes
+        self.precision = 0.5
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._cuda = self.cache.device.type == "cuda"
         # gates: the engine's copy streams wait on the submitting stream, so copies are submitted from
@@ -159,11 +150,11 @@ class Prefetcher:
         self.stats.demands += len(keys)
         self.stats.hits += len(present)
         self.stats.late += sum(1 for k in present if k in self._loads)
-        for key in present:
-            rank = self._unused_prefetches.pop(key, None)
-            if rank is not None:
-                self.stats.prefetch_used += 1
-                self._observe_prefetch(rank, 1.0)
+        used = self._unused_prefetches.intersection(present)
+        if used:
+            self.stats.prefetch_used += len(used)
+            self._unused_prefetches -= used
+            self._observe_prefetches(len(used), 1.0)
         wave: list[ObjectKey] = []
         for key in present:
             self.cache.pin(key)
@@ -238,16 +229,11 @@ class Prefetcher:
     def _apply_prefetch(self, keys: tuple[ObjectKey, ...], index_of: Mapping[ObjectKey, int], per_object: np.ndarray,
                         tick: int, needed_now: frozenset[ObjectKey]) -> int:
         """Plan and issue one target layer's prefetch; ``keys[i]`` (``index_of`` maps back) has ``per_object[i]``."""
-        began = time.perf_counter()
         group = self.cache.group_of(keys[0])
         objects = self.config.objects_per_layer
         if self.window is not None:
-            admitted = self.window.admitted(self._object_bytes, self.precision[:objects], gain_s=self.demand_host_s,
-                                            cost_s=self.prefetch_host_s)
+            admitted = self.window.admitted(self._object_bytes, objects, self.precision)
             self.stats.prefetch_capped += admitted < objects
-            self._declined = 0 if admitted else self._declined + 1
-            if self._declined >= EXPLORE_EVERY and objects:  # keep the estimates current: try the best one
-                admitted, self._declined = 1, 0
             objects = admitted
         budget = PrefetchBudget(max_bytes=objects * self._object_bytes, object_bytes=self._object_bytes,
                                 min_score=self.config.min_score)
@@ -284,7 +270,6 @@ class Prefetcher:
         self.phases.lap("prefetch_plan")
         self._issue(plan.loads, tick, prefetch=True)
         self.phases.lap("prefetch_submit")
-        self.prefetch_host_s = _smoothed(self.prefetch_host_s, (time.perf_counter() - began) / len(plan.loads))
         return len(plan.loads)
 
     # ---- accounting ------------------------------------------------------------------------
@@ -318,7 +303,6 @@ class Prefetcher:
 
     def _fetch_some(self, wave: list[ObjectKey], pending: list[ObjectKey], tick: int) -> list[ObjectKey]:
         """Fetch as many ``pending`` keys as the group has room for (evicting by policy); returns the rest."""
-        began = time.perf_counter()
         group = self.cache.group_of(pending[0])
         pinned, order = self.cache.pinned(), self.cache.order(group)
         room = self.cache.free_slots(group) + sum(1 for k in order if k not in pinned)
@@ -340,7 +324,6 @@ class Prefetcher:
         self.phases.lap("demand_plan")
         if plan.loads:
             self._issue(plan.loads, tick, prefetch=False)
-            self.demand_host_s = _smoothed(self.demand_host_s, (time.perf_counter() - began) / len(plan.loads))
         self.phases.lap("demand_submit")
         for key in plan.loads:
             self.cache.pin(key)
@@ -377,7 +360,7 @@ class Prefetcher:
         if prefetch:
             self.stats.prefetch_loads += len(keys)
             self.stats.prefetch_bytes += total
-            self._unused_prefetches.update((key, rank) for rank, key in enumerate(keys))
+            self._unused_prefetches.update(keys)
         else:
             self._layer_demands.append(handle)
             self.stats.demand_bytes += total
@@ -397,15 +380,15 @@ class Prefetcher:
         if used is not None:
             self._slot_free[self.cache.slot_of(key)] = used
         self.cache.evict(key)
-        rank = self._unused_prefetches.pop(key, None)
-        if rank is not None:
+        if key in self._unused_prefetches:
+            self._unused_prefetches.discard(key)
             self.stats.prefetch_evicted_unused += 1
-            self._observe_prefetch(rank, 0.0)
+            self._observe_prefetches(1, 0.0)
 
-    def _observe_prefetch(self, rank: int, outcome: float) -> None:
-        """An object prefetched as its plan's ``rank``-th was used (1.0) or evicted unused (0.0)."""
-        if rank < len(self.precision):
-            self.precision[rank] += PRECISION_SMOOTHING * (outcome - self.precision[rank])
+    def _observe_prefetches(self, count: int, outcome: float) -> None:
+        """``count`` prefetched objects were used (1.0) or evicted unused (0.0): move the precision estimate."""
+        for _ in range(count):
+            self.precision += PRECISION_SMOOTHING * (outcome - self.precision)
 
     def _land(self, key: ObjectKey) -> None:
         del self._loads[key]
@@ -419,8 +402,3 @@ class Prefetcher:
     def _reap(self) -> None:
         for key in [k for k, handle in self._loads.items() if handle.done()]:
             self._land(key)
-
-
-def _smoothed(average: float, sample: float) -> float:
-    """The running average of host seconds per object after ``sample`` (the first sample sets it)."""
-    return sample if average == 0.0 else (1 - HOST_SMOOTHING) * average + HOST_SMOOTHING * sample

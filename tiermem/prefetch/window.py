@@ -13,12 +13,10 @@ for every byte queued so far (a virtual clock advanced by ``bytes / bandwidth`` 
 Objects are admitted in score order by their expected effect on the next demand. Object ``i`` (of
 link time ``t``) would still be moving for ``spill_i = max(0, i t - free) - max(0, (i-1) t - free)``
 after the demand arrives. If it was predicted right, it moves bytes that demand needs anyway and
-saves ``t - spill_i`` of it, plus the host time ``g`` a miss costs the demand; if wrong, its spill
-delays the demand; either way it costs the host ``c`` to plan and queue. With ``p_i`` the chance
-that the ``i``-th best candidate is right, it pays when ``p_i (t - spill_i + g) - (1 - p_i) spill_i
-> c``, i.e. ``spill_i < p_i (t + g) - c``: objects that fit in the free time pass when their
-expected saving beats their host cost, and one that overhangs the window passes when it is likely
-enough (no cliff at a whole object's size).
+saves ``t - spill_i`` of it; if wrong, its spill delays the demand. With ``p`` the chance it is right,
+the prefetch pays when ``p (t - spill_i) > (1 - p) spill_i``, i.e. ``spill_i < p t``: whole objects
+that fit in the free time always pass, and an object that overhangs the window passes when it is
+likely enough (no cliff at a whole object's size).
 
 Invariants: nothing is admitted until one lead has been measured (no blind prefetch); the free time
 never goes negative; bytes already queued (demand or prefetch, of this layer or earlier ones) count
@@ -28,7 +26,6 @@ against it; admitted objects are a prefix of the candidates (spill never shrinks
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -57,11 +54,9 @@ class LinkWindow:
         now_s = time.perf_counter() if now_s is None else now_s
         self._busy_until_s = max(now_s, self._busy_until_s) + nbytes / (self.bandwidth_gbps * 1e9)
 
-    def admitted(self, object_bytes: int, precision: Sequence[float], *, gain_s: float = 0.0, cost_s: float = 0.0,
-                 now_s: float | None = None) -> int:
-        """How many of the best ``len(precision)`` candidates of ``object_bytes`` each may be queued now, when
-        the ``i``-th best is used with probability ``precision[i]``, a miss costs the demand ``gain_s`` of
-        host time and a prefetched object costs ``cost_s``; marks a prefetch decision."""
+    def admitted(self, object_bytes: int, max_objects: int, precision: float, now_s: float | None = None) -> int:
+        """How many of the best ``max_objects`` candidates of ``object_bytes`` each may be queued now, when
+        a prefetched object is used with probability ``precision``; marks a prefetch decision."""
         now_s = time.perf_counter() if now_s is None else now_s
         self._decided_s = now_s
         if self.lead_s is None:
@@ -69,10 +64,9 @@ class LinkWindow:
         free_s = self.fill * max(0.0, self.lead_s - max(0.0, self._busy_until_s - now_s))
         object_s = object_bytes / (self.bandwidth_gbps * 1e9)
         count = 0
-        for p in precision:
+        while count < max_objects:
             spill_s = max(0.0, (count + 1) * object_s - free_s) - max(0.0, count * object_s - free_s)
-            pays_s = p * (object_s + gain_s) - cost_s  # expected saving beyond the host cost, before any spill
-            if pays_s <= 0.0 or spill_s >= pays_s:
+            if spill_s > 0.0 and spill_s >= precision * object_s:
                 break
             count += 1
         return count
