@@ -3,11 +3,12 @@
 A decode layer runs: routing reaches the host (one sync), its misses are copied (demand, on the
 critical path), the prefetch of the next layers is queued behind them, the host launches compute;
 then the next layer's routing arrives and its misses need the link. A prefetch byte still moving
-then delays that demand (copies share the link). The link time free for prefetch, between the end of
-the copies already queued and the next demand, is ``free = fill x max(0, lead - backlog)``, where ``lead`` is the measured host time
-from a prefetch decision to the next layer's demand (exponential average: in a host-bound step that
-is most of the layer, and the link is idle in it), and ``backlog`` is the time the link still needs
-for every byte queued so far (a virtual clock advanced by ``bytes / bandwidth`` per submit).
+then delays that demand (copies share the link). The link time free for prefetch, between the end
+of the copies already queued and the next demand, is ``free = fill x max(0, lead - backlog)``, where
+``lead`` is the measured host time from a prefetch decision to the next layer's demand (exponential
+average: in a host-bound step that is most of the layer, and the link is idle in it), and
+``backlog`` is the time the link still needs for every byte queued so far (a virtual clock advanced
+by ``bytes / bandwidth`` per submit).
 
 Objects are admitted in score order by their expected effect on the next demand. Object ``i`` (of
 link time ``t``) would still be moving for ``spill_i = max(0, i t - free) - max(0, (i-1) t - free)``
