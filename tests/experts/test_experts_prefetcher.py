@@ -199,7 +199,7 @@ def test_a_layers_misses_are_one_submit_yet_each_lands_exactly(fused_experts):
     manager.close()
 
 
-def test_the_precision_estimate_rises_when_prefetches_are_used_and_falls_when_evicted_unused(fused_experts):
+def test_the_precision_estimate_follows_whether_the_next_demand_of_the_layer_uses_a_prefetch(fused_experts):
     manager, store, _, prefetcher = _setup(fused_experts, slots=1, predictor=FixedScores([3]), objects_per_layer=1)
     assert prefetcher.precision == 0.5  # neutral prior
     prefetcher.prefetch(_context(0), tick=0)
@@ -207,10 +207,10 @@ def test_the_precision_estimate_rises_when_prefetches_are_used_and_falls_when_ev
     used = prefetcher.precision
     assert used > 0.5
     prefetcher.drain()
-    _serve(prefetcher, store, 1, [5], tick=2)  # evicts the used one: no change
+    _serve(prefetcher, store, 1, [5], tick=2)  # no prefetch awaits this demand: no change
     assert prefetcher.precision == used
     prefetcher.prefetch(_context(0), tick=3)  # loads 3 again, evicting 5
     prefetcher.drain()
-    _serve(prefetcher, store, 1, [0], tick=4)  # evicts the prefetched 3 unused
+    _serve(prefetcher, store, 1, [0], tick=4)  # the next demand does not use the prefetched 3
     assert prefetcher.precision < used
     manager.close()

@@ -34,8 +34,9 @@ Design note. One object (an expert) moves through these states::
   the next layer's demand, plus one that overhangs it when its expected saving beats its expected
   delay (``LinkWindow``: measured host time from a prefetch decision to the next demand, minus the
   link time of every byte already queued, times ``link_fill``; the chance of being right is the
-  measured share of prefetched objects used before eviction); it evicts only objects predicted lower
-  than what it loads, and loads only objects whose expected uses exceed ``min_score``.
+  measured share of prefetched objects that the next demand of their layer used); it evicts only
+  objects predicted lower than what it loads, and loads only objects whose expected uses exceed
+  ``min_score``.
 - A demanded object that is absent is a miss: it is fetched now (a "synchronous" fetch: the compute
   stream waits for it) and counted. A demanded object in flight is a hit that may stall; the time
   the compute stream waited is measured with timing events around the wait (GPU) or the wall clock
@@ -68,7 +69,7 @@ from tiermem.types import ObjectKey
 
 log = logging.getLogger("tiermem.prefetch")
 
-PRECISION_SMOOTHING = 1 / 32  # weight of each resolved prefetch (used or evicted unused) in the precision estimate
+PRECISION_SMOOTHING = 1 / 32  # weight of each prefetched object's outcome at its layer's next demand
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,10 @@ class Prefetcher:
         self.phases = phases or HostPhases(enabled=False)
         self._loads: dict[ObjectKey, TransferHandle] = {}
         self._unused_prefetches: set[ObjectKey] = set()
-        # chance that a prefetched object is used before it is evicted (running average; a neutral prior),
-        # which the link window weighs against the delay an unused one causes
+        # chance that a prefetched object is used by the next demand of its layer (running average; a neutral
+        # prior), which the link window weighs against the delay an unused one causes to that demand
         self.precision = 0.5
+        self._awaiting: dict[int, list[ObjectKey]] = {}  # layer -> objects prefetched for its next demand
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._cuda = self.cache.device.type == "cuda"
         # gates: the engine's copy streams wait on the submitting stream, so copies are submitted from
@@ -154,7 +156,10 @@ class Prefetcher:
         if used:
             self.stats.prefetch_used += len(used)
             self._unused_prefetches -= used
-            self._observe_prefetches(len(used), 1.0)
+        if keys:
+            wanted = set(keys)
+            for key in self._awaiting.pop(keys[0].layer, ()):
+                self.precision += PRECISION_SMOOTHING * ((key in wanted) - self.precision)
         wave: list[ObjectKey] = []
         for key in present:
             self.cache.pin(key)
@@ -361,6 +366,8 @@ class Prefetcher:
             self.stats.prefetch_loads += len(keys)
             self.stats.prefetch_bytes += total
             self._unused_prefetches.update(keys)
+            for key in keys:
+                self._awaiting.setdefault(key.layer, []).append(key)
         else:
             self._layer_demands.append(handle)
             self.stats.demand_bytes += total
@@ -383,12 +390,6 @@ class Prefetcher:
         if key in self._unused_prefetches:
             self._unused_prefetches.discard(key)
             self.stats.prefetch_evicted_unused += 1
-            self._observe_prefetches(1, 0.0)
-
-    def _observe_prefetches(self, count: int, outcome: float) -> None:
-        """``count`` prefetched objects were used (1.0) or evicted unused (0.0): move the precision estimate."""
-        for _ in range(count):
-            self.precision += PRECISION_SMOOTHING * (outcome - self.precision)
 
     def _land(self, key: ObjectKey) -> None:
         del self._loads[key]
