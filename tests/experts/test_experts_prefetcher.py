@@ -214,3 +214,27 @@ def test_the_precision_estimate_follows_whether_the_next_demand_of_the_layer_use
     _serve(prefetcher, store, 1, [0], tick=4)  # the next demand does not use the prefetched 3
     assert prefetcher.precision < used
     manager.close()
+
+
+def test_objects_are_admitted_only_while_likelier_needed_than_the_objects_they_evict():
+    window = LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0)
+    window.admitted(100_000, 1, precision=0.5, now_s=0.0)
+    window.layer_started(now_s=0.01)  # a 10 ms window: 0.1 ms objects all fit
+    assert window.admitted(100_000, 3, precision=0.5, regret=0.2, now_s=0.01) == 3
+    assert window.admitted(100_000, 3, precision=0.5, regret=0.5, now_s=0.01) == 0  # as likely to undo as to help
+    window.layer_started(now_s=0.0106)  # 0.6 ms lead: a 1 ms object would spill 0.4 ms
+    assert window.admitted(1_000_000, 1, precision=0.5, regret=0.0, now_s=0.0106) == 1  # 0.4 < 0.5 x 1 ms
+    window.layer_started(now_s=0.0112)
+    assert window.admitted(1_000_000, 1, precision=0.5, regret=0.2, now_s=0.0112) == 0  # 0.4 >= 0.3 x 1 ms
+
+
+def test_the_regret_estimate_rises_when_the_next_demand_wants_an_object_a_prefetch_evicted(fused_experts):
+    manager, store, cache, prefetcher = _setup(fused_experts, slots=1, policy="predicted",
+                                               predictor=FixedScores([3]), objects_per_layer=1)
+    _serve(prefetcher, store, 1, [5], tick=0)  # 5 resident in layer 1's only slot
+    assert prefetcher.prefetch(_context(0), tick=1) == 1  # 3 evicts 5
+    prefetcher.drain()
+    assert prefetcher.regret == 0.0
+    _serve(prefetcher, store, 1, [5], tick=2)  # the next demand wants 5 back
+    assert prefetcher.regret > 0.0
+    manager.close()

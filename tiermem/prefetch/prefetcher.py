@@ -34,9 +34,9 @@ Design note. One object (an expert) moves through these states::
   the next layer's demand, plus one that overhangs it when its expected saving beats its expected
   delay (``LinkWindow``: measured host time from a prefetch decision to the next demand, minus the
   link time of every byte already queued, times ``link_fill``; the chance of being right is the
-  measured share of prefetched objects that the next demand of their layer used); it evicts only
-  objects predicted lower than what it loads, and loads only objects whose expected uses exceed
-  ``min_score``.
+  measured share of prefetched objects that the next demand of their layer used, less the measured
+  share of objects evicted by prefetch that it wanted back); it evicts only objects predicted lower
+  than what it loads, and loads only objects whose expected uses exceed ``min_score``.
 - A demanded object that is absent is a miss: it is fetched now (a "synchronous" fetch: the compute
   stream waits for it) and counted. A demanded object in flight is a hit that may stall; the time
   the compute stream waited is measured with timing events around the wait (GPU) or the wall clock
@@ -117,6 +117,9 @@ class Prefetcher:
         # prior), which the link window weighs against the delay an unused one causes to that demand
         self.precision = 0.5
         self._awaiting: dict[int, list[ObjectKey]] = {}  # layer -> objects prefetched for its next demand
+        # chance that an object a prefetch evicted is wanted by the next demand of its layer (running average)
+        self.regret = 0.0
+        self._evicted: dict[int, list[ObjectKey]] = {}  # layer -> objects prefetches evicted since its last demand
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._cuda = self.cache.device.type == "cuda"
         # gates: the engine's copy streams wait on the submitting stream, so copies are submitted from
@@ -160,6 +163,8 @@ class Prefetcher:
             wanted = set(keys)
             for key in self._awaiting.pop(keys[0].layer, ()):
                 self.precision += PRECISION_SMOOTHING * ((key in wanted) - self.precision)
+            for key in self._evicted.pop(keys[0].layer, ()):
+                self.regret += PRECISION_SMOOTHING * ((key in wanted) - self.regret)
         wave: list[ObjectKey] = []
         for key in present:
             self.cache.pin(key)
@@ -237,7 +242,7 @@ class Prefetcher:
         group = self.cache.group_of(keys[0])
         objects = self.config.objects_per_layer
         if self.window is not None:
-            admitted = self.window.admitted(self._object_bytes, objects, self.precision)
+            admitted = self.window.admitted(self._object_bytes, objects, self.precision, self.regret)
             self.stats.prefetch_capped += admitted < objects
             objects = admitted
         budget = PrefetchBudget(max_bytes=objects * self._object_bytes, object_bytes=self._object_bytes,
@@ -272,6 +277,7 @@ class Prefetcher:
             self._layer_demands.clear()
         for key in plan.evictions:
             self._evict(key)
+            self._evicted.setdefault(key.layer, []).append(key)
         self.phases.lap("prefetch_plan")
         self._issue(plan.loads, tick, prefetch=True)
         self.phases.lap("prefetch_submit")

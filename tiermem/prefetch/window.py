@@ -13,10 +13,11 @@ by ``bytes / bandwidth`` per submit).
 Objects are admitted in score order by their expected effect on the next demand. Object ``i`` (of
 link time ``t``) would still be moving for ``spill_i = max(0, i t - free) - max(0, (i-1) t - free)``
 after the demand arrives. If it was predicted right, it moves bytes that demand needs anyway and
-saves ``t - spill_i`` of it; if wrong, its spill delays the demand. With ``p`` the chance it is right,
-the prefetch pays when ``p (t - spill_i) > (1 - p) spill_i``, i.e. ``spill_i < p t``: whole objects
-that fit in the free time always pass, and an object that overhangs the window passes when it is
-likely enough (no cliff at a whole object's size).
+saves ``t - spill_i`` of it; if wrong, its spill delays the demand; and the object it evicts must be
+loaded again (``t``) if that demand wants it. With ``p`` the chance it is right and ``q`` the chance
+its victim is wanted, the prefetch pays when ``p (t - spill_i) - (1 - p) spill_i - q t > 0``, i.e.
+``spill_i < (p - q) t``: objects that fit in the free time pass when ``p > q``, and an object that
+overhangs the window passes when it is likely enough (no cliff at a whole object's size).
 
 Invariants: nothing is admitted until one lead has been measured (no blind prefetch); the free time
 never goes negative; bytes already queued (demand or prefetch, of this layer or earlier ones) count
@@ -54,19 +55,22 @@ class LinkWindow:
         now_s = time.perf_counter() if now_s is None else now_s
         self._busy_until_s = max(now_s, self._busy_until_s) + nbytes / (self.bandwidth_gbps * 1e9)
 
-    def admitted(self, object_bytes: int, max_objects: int, precision: float, now_s: float | None = None) -> int:
+    def admitted(self, object_bytes: int, max_objects: int, precision: float, regret: float = 0.0,
+                 now_s: float | None = None) -> int:
         """How many of the best ``max_objects`` candidates of ``object_bytes`` each may be queued now, when
-        a prefetched object is used with probability ``precision``; marks a prefetch decision."""
+        a prefetched object is used with probability ``precision`` and the object it evicts is needed
+        again with probability ``regret``; marks a prefetch decision."""
         now_s = time.perf_counter() if now_s is None else now_s
         self._decided_s = now_s
         if self.lead_s is None:
             return 0
         free_s = self.fill * max(0.0, self.lead_s - max(0.0, self._busy_until_s - now_s))
         object_s = object_bytes / (self.bandwidth_gbps * 1e9)
+        pays_s = (precision - regret) * object_s  # expected link time saved, before any spill
         count = 0
-        while count < max_objects:
+        while count < max_objects and pays_s > 0.0:
             spill_s = max(0.0, (count + 1) * object_s - free_s) - max(0.0, count * object_s - free_s)
-            if spill_s > 0.0 and spill_s >= precision * object_s:
+            if spill_s > 0.0 and spill_s >= pays_s:
                 break
             count += 1
         return count
