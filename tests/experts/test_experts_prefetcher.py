@@ -229,7 +229,7 @@ def test_objects_are_admitted_only_while_likelier_needed_than_the_objects_they_e
 
 
 def test_the_regret_estimate_rises_when_the_next_demand_wants_an_object_a_prefetch_evicted(fused_experts):
-    manager, store, cache, prefetcher = _setup(fused_experts, slots=1, policy="predicted",
+    manager, store, _, prefetcher = _setup(fused_experts, slots=1, policy="predicted",
                                                predictor=FixedScores([3]), objects_per_layer=1)
     _serve(prefetcher, store, 1, [5], tick=0)  # 5 resident in layer 1's only slot
     assert prefetcher.prefetch(_context(0), tick=1) == 1  # 3 evicts 5
