@@ -201,18 +201,18 @@ def test_a_layers_misses_are_one_submit_yet_each_lands_exactly(fused_experts):
 
 def test_the_precision_estimate_follows_whether_the_next_demand_of_the_layer_uses_a_prefetch(fused_experts):
     manager, store, _, prefetcher = _setup(fused_experts, slots=1, predictor=FixedScores([3]), objects_per_layer=1)
-    assert prefetcher.precision == 0.5  # neutral prior
+    assert prefetcher.precision.value == 0.5  # neutral prior
     prefetcher.prefetch(_context(0), tick=0)
     _serve(prefetcher, store, 1, [3], tick=1)  # used
-    used = prefetcher.precision
+    used = prefetcher.precision.value
     assert used > 0.5
     prefetcher.drain()
     _serve(prefetcher, store, 1, [5], tick=2)  # no prefetch awaits this demand: no change
-    assert prefetcher.precision == used
+    assert prefetcher.precision.value == used
     prefetcher.prefetch(_context(0), tick=3)  # loads 3 again, evicting 5
     prefetcher.drain()
     _serve(prefetcher, store, 1, [0], tick=4)  # the next demand does not use the prefetched 3
-    assert prefetcher.precision < used
+    assert prefetcher.precision.value < used
     manager.close()
 
 
@@ -234,7 +234,7 @@ def test_the_regret_estimate_rises_when_the_next_demand_wants_an_object_a_prefet
     _serve(prefetcher, store, 1, [5], tick=0)  # 5 resident in layer 1's only slot
     assert prefetcher.prefetch(_context(0), tick=1) == 1  # 3 evicts 5
     prefetcher.drain()
-    assert prefetcher.regret == 0.0
+    assert prefetcher.regret.value == 0.0
     _serve(prefetcher, store, 1, [5], tick=2)  # the next demand wants 5 back
-    assert prefetcher.regret > 0.0
+    assert prefetcher.regret.value > 0.0
     manager.close()

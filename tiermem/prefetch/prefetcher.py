@@ -62,14 +62,12 @@ from tiermem.predict.base import Predictor, RouteContext
 from tiermem.prefetch.planner import PrefetchBudget, plan_demand, plan_prefetch
 from tiermem.prefetch.ports import Homes, SlotCache
 from tiermem.prefetch.stats import HostPhases, PrefetchStats
-from tiermem.prefetch.window import LinkWindow
+from tiermem.prefetch.window import LinkWindow, NextDemandShare
 from tiermem.residency.signals import PredictionScores
 from tiermem.transfer import Copy, TransferHandle, make_plan
 from tiermem.types import ObjectKey
 
 log = logging.getLogger("tiermem.prefetch")
-
-PRECISION_SMOOTHING = 1 / 32  # weight of each prefetched object's outcome at its layer's next demand
 
 
 @dataclass(frozen=True)
@@ -113,13 +111,10 @@ class Prefetcher:
         self.phases = phases or HostPhases(enabled=False)
         self._loads: dict[ObjectKey, TransferHandle] = {}
         self._unused_prefetches: set[ObjectKey] = set()
-        # chance that a prefetched object is used by the next demand of its layer (running average; a neutral
-        # prior), which the link window weighs against the delay an unused one causes to that demand
-        self.precision = 0.5
-        self._awaiting: dict[int, list[ObjectKey]] = {}  # layer -> objects prefetched for its next demand
-        # chance that an object a prefetch evicted is wanted by the next demand of its layer (running average)
-        self.regret = 0.0
-        self._evicted: dict[int, list[ObjectKey]] = {}  # layer -> objects prefetches evicted since its last demand
+        # what the link window weighs: the chance that the next demand of its layer uses a prefetched object
+        # (a neutral prior), and the chance that it wants back an object a prefetch evicted
+        self.precision = NextDemandShare(prior=0.5)
+        self.regret = NextDemandShare(prior=0.0)
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._cuda = self.cache.device.type == "cuda"
         # gates: the engine's copy streams wait on the submitting stream, so copies are submitted from
@@ -161,10 +156,8 @@ class Prefetcher:
             self._unused_prefetches -= used
         if keys:
             wanted = set(keys)
-            for key in self._awaiting.pop(keys[0].layer, ()):
-                self.precision += PRECISION_SMOOTHING * ((key in wanted) - self.precision)
-            for key in self._evicted.pop(keys[0].layer, ()):
-                self.regret += PRECISION_SMOOTHING * ((key in wanted) - self.regret)
+            self.precision.resolve(keys[0].layer, wanted)
+            self.regret.resolve(keys[0].layer, wanted)
         wave: list[ObjectKey] = []
         for key in present:
             self.cache.pin(key)
@@ -242,7 +235,7 @@ class Prefetcher:
         group = self.cache.group_of(keys[0])
         objects = self.config.objects_per_layer
         if self.window is not None:
-            admitted = self.window.admitted(self._object_bytes, objects, self.precision, self.regret)
+            admitted = self.window.admitted(self._object_bytes, objects, self.precision.value, self.regret.value)
             self.stats.prefetch_capped += admitted < objects
             objects = admitted
         budget = PrefetchBudget(max_bytes=objects * self._object_bytes, object_bytes=self._object_bytes,
@@ -277,7 +270,7 @@ class Prefetcher:
             self._layer_demands.clear()
         for key in plan.evictions:
             self._evict(key)
-            self._evicted.setdefault(key.layer, []).append(key)
+            self.regret.expect(key)
         self.phases.lap("prefetch_plan")
         self._issue(plan.loads, tick, prefetch=True)
         self.phases.lap("prefetch_submit")
@@ -373,7 +366,7 @@ class Prefetcher:
             self.stats.prefetch_bytes += total
             self._unused_prefetches.update(keys)
             for key in keys:
-                self._awaiting.setdefault(key.layer, []).append(key)
+                self.precision.expect(key)
         else:
             self._layer_demands.append(handle)
             self.stats.demand_bytes += total

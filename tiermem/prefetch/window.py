@@ -27,7 +27,10 @@ against it; admitted objects are a prefix of the candidates (spill never shrinks
 from __future__ import annotations
 
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+
+from tiermem.types import ObjectKey
 
 
 @dataclass
@@ -74,3 +77,23 @@ class LinkWindow:
                 break
             count += 1
         return count
+
+
+class NextDemandShare:
+    """The share of noted objects that the next demand of their layer wants: a running average from a prior.
+
+    ``expect(key)`` notes an object (one prefetched, or one a prefetch evicted); ``resolve(layer, wanted)``
+    scores every object noted for ``layer`` against that layer's demand and forgets them.
+    """
+
+    def __init__(self, prior: float, smoothing: float = 1 / 32) -> None:
+        self.value = prior
+        self.smoothing = smoothing  # weight of each scored object
+        self._pending: dict[int, list[ObjectKey]] = {}  # layer -> objects noted since its last demand
+
+    def expect(self, key: ObjectKey) -> None:
+        self._pending.setdefault(key.layer, []).append(key)
+
+    def resolve(self, layer: int, wanted: AbstractSet[ObjectKey]) -> None:
+        for key in self._pending.pop(layer, ()):
+            self.value += self.smoothing * ((key in wanted) - self.value)
