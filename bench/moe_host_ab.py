@@ -20,15 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tiermem.bench.moe import (
-    PREFETCH_MIN_SCORE,
-    CrossFitted,
-    batch_steps,
-    build_store,
-    copy_bandwidth_gbps,
-    run_mode,
-    workloads,
-)
+from tiermem.bench.moe import PREFETCH_MIN_SCORE, build_store, copy_bandwidth_gbps, run_mode
+from tiermem.bench.moe_workloads import CrossFitted, batch_steps, workloads
 from tiermem.manager import ManagerConfig, TierManager
 from tiermem.prefetch.prefetcher import PrefetchConfig
 

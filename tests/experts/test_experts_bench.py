@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tiermem.bench import moe
+from tiermem.bench import moe, moe_workloads
 
 
 def test_bench_moe_replays_a_trace_and_reports_every_mode(tmp_path):
@@ -40,7 +40,7 @@ def test_the_bench_predictor_is_any_registered_one_fitted_on_the_other_half_of_t
     from tiermem.predict.synthetic import SyntheticConfig, synthetic_trace
 
     routes = synthetic_trace(SyntheticConfig(num_sequences=6, num_layers=3, num_experts=8, top_k=2, seed=0))
-    predictor = moe.CrossFitted(routes, 1, "frequency")
+    predictor = moe_workloads.CrossFitted(routes, 1, "frequency")
     fitted_on = [set(model.trace_sequences) if hasattr(model, "trace_sequences") else None for model in predictor.models]
     assert predictor.name == "frequency" and len(predictor.models) == 2 and fitted_on
     current = np.full((2, 3, 2), -1, dtype=np.int16)
@@ -51,7 +51,7 @@ def test_the_bench_predictor_is_any_registered_one_fitted_on_the_other_half_of_t
         alone = predictor.models[parity].predict(RouteContext(num_experts=8, layer=0, current=current[row:row + 1]), 1)
         assert np.array_equal(scores[:, row], alone[:, 0])
     with pytest.raises(RegistryError):
-        moe.CrossFitted(routes, 1, "no-such-predictor")
+        moe_workloads.CrossFitted(routes, 1, "no-such-predictor")
 
 
 def test_a_trace_with_router_inputs_hands_each_layers_recorded_input_to_the_predictor(tmp_path):
@@ -67,8 +67,8 @@ def test_a_trace_with_router_inputs_hands_each_layers_recorded_input_to_the_pred
 
     routes = synthetic_trace(SyntheticConfig(num_sequences=4, num_layers=3, num_experts=16, top_k=2, seed=1))
     hidden = np.random.default_rng(0).standard_normal((routes.num_tokens, 3, 8)).astype(np.float16)
-    save_trace(dataclasses.replace(routes, hidden=hidden), tmp_path / moe.REAL_TRACES["moe-lm"])
-    work = moe.workloads(tmp_path, ["tiny@moe-lm"], False)[0]
+    save_trace(dataclasses.replace(routes, hidden=hidden), tmp_path / moe_workloads.REAL_TRACES["moe-lm"])
+    work = moe_workloads.workloads(tmp_path, ["tiny@moe-lm"], False)[0]
     seen: list[tuple[int, np.ndarray]] = []
 
     class Records:  # stands in for a cross-fitted predictor: the bench sets seqs and reads name
@@ -82,7 +82,7 @@ def test_a_trace_with_router_inputs_hands_each_layers_recorded_input_to_the_pred
     manager = TierManager(ManagerConfig.from_dict({"tiers": [{"kind": "dram", "capacity_bytes": "64MiB",
                                                               "arena_bytes": "8MiB"}]}))
     store = moe.build_store(manager, work.shape, work.trace.layers, torch.device("cpu"), torch.bfloat16)
-    steps, _ = moe.batch_steps(work.trace, 2, 4)
+    steps, _ = moe_workloads.batch_steps(work.trace, 2, 4)
     moe.run_mode(store, work, steps, mode="tiermem", fraction=0.5, batch=2, device=torch.device("cpu"),
                  prefetch=PrefetchConfig(distance=1, link_fill=None), predictor=predictor)
     assert len(seen) == len(steps) * 3

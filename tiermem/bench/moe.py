@@ -21,11 +21,10 @@ Raw pinned ``copy_`` bandwidth, measured in the same run, is the denominator of 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,112 +33,28 @@ import torch
 import torch.nn.functional as F
 
 from tiermem.bench.moe_report import print_summary, print_table
-from tiermem.config import from_dict
+from tiermem.bench.moe_workloads import (
+    CrossFitted,
+    ExpertShape,
+    Workload,
+    batch_steps,
+    recorded_router_inputs,
+    workloads,
+)
 from tiermem.experts.layout import ExpertLayout
 from tiermem.experts.placement import single_tier
 from tiermem.experts.runtime import ExpertCompute, ExpertRuntime, OffloadConfig
 from tiermem.experts.store import ExpertStore
 from tiermem.manager import ManagerConfig, TierManager
 from tiermem.predict import PREDICTORS
-from tiermem.predict.base import Predictor, RouteContext
-from tiermem.predict.trace import RouteTrace
-from tiermem.predict.trace import load_trace as load_route_trace
 from tiermem.prefetch.prefetcher import PrefetchConfig
 from tiermem.simulate.engine import SimConfig, simulate
-from tiermem.simulate.steps import Step, build_steps
-from tiermem.simulate.trace import SimTrace, batch_groups, synthetic_trace
-from tiermem.simulate.trace import load_trace as load_sim_trace
+from tiermem.simulate.steps import Step
+from tiermem.simulate.trace import SimTrace
 
 log = logging.getLogger("tiermem.bench")
 
 MODES = ("all_hbm", "lru", "lfu", "tiermem")
-
-
-@dataclass(frozen=True)
-class ExpertShape:
-    """One routed expert of a real model: hidden and intermediate sizes, and its routing width."""
-
-    hidden: int
-    intermediate: int
-    num_experts: int
-    top_k: int
-
-
-SHAPES = {  # from the models' published configs
-    "qwen1.5-moe-a2.7b": ExpertShape(2048, 1408, 60, 4),
-    "qwen3-30b-a3b": ExpertShape(2048, 768, 128, 8),
-    "mixtral-8x7b": ExpertShape(4096, 14336, 8, 2),
-    "deepseek-v2-lite": ExpertShape(2048, 1408, 64, 6),
-    "deepseek-v3": ExpertShape(7168, 2048, 256, 8),
-    "tiny": ExpertShape(64, 32, 16, 2),  # CPU smoke runs
-}
-REAL_TRACES = {"qwen": "qwen1.5-moe-a2.7b-chat_vllm-moe-logger.npz", "mixtral": "mixtral-8x7b-instruct-fp8_speculative-moe.npz",
-               # the small MoE LM's held-out routing with its routers' inputs (bench/moe_lm: record's trace.npz)
-               "moe-lm": "moe-lm-trace.npz"}
-
-
-@dataclass(frozen=True, eq=False)
-class Workload:
-    """An expert shape driven by a routing trace (real, or synthetic uniform)."""
-
-    name: str
-    shape: ExpertShape
-    trace: SimTrace
-    routes: RouteTrace | None  # the same trace in the predictor's format (None: synthetic, no predictor)
-
-
-class CrossFitted:
-    """A registered predictor (``PREDICTORS``) fitted on the other half of the sequences (seq_id parity) of each row.
-
-    The bench sets ``seqs`` (the sequence of each batch row) before each step, so no row is ever
-    predicted by a model that saw its own sequence.
-    """
-
-    def __init__(self, routes: RouteTrace, distance: int, name: str = "cooccurrence") -> None:
-        entry = PREDICTORS.get(name)
-        fields = {f.name for f in dataclasses.fields(entry.config_cls)}
-        config = from_dict(entry.config_cls, {"max_distance": max(distance, 1)} if "max_distance" in fields else {})
-        seqs = routes.sequence_ids
-        self.name = name
-        self.models = [entry.factory(config, routes.select_sequences(seqs[seqs % 2 != parity])) for parity in (0, 1)]
-        self._parity = np.zeros((1, 0, 1), dtype=np.int64)
-        self._single: Predictor | None = None  # the one model serving every row of the step, if one does
-
-    @property
-    def seqs(self) -> np.ndarray:
-        return self._parity.reshape(-1)
-
-    @seqs.setter
-    def seqs(self, seqs: np.ndarray) -> None:
-        """The sequence of each batch row of the coming step (decided here once, not per layer)."""
-        parity = np.asarray(seqs, dtype=np.int64) % 2
-        self._parity = parity[None, :, None]
-        self._single = self.models[int(parity[0])] if parity.size and (parity == parity[0]).all() else None
-
-    def predict(self, context: RouteContext, distance: int) -> np.ndarray:
-        if self._single is not None:  # one model serves every row (always at batch 1): predict once
-            return self._single.predict(context, distance)
-        return np.where(self._parity == 0, self.models[0].predict(context, distance),
-                        self.models[1].predict(context, distance))
-
-
-def workloads(traces_dir: Path, names: list[str], quick: bool) -> list[Workload]:
-    """``shape@trace`` names, e.g. ``qwen3-30b-a3b@qwen`` (real) or ``deepseek-v2-lite@uniform``."""
-    out = []
-    for name in names:
-        shape_name, _, trace_name = name.partition("@")
-        shape = SHAPES[shape_name]
-        if trace_name == "uniform":
-            trace = synthetic_trace(num_layers=4 if quick else 8, num_experts=shape.num_experts, top_k=shape.top_k,
-                                    num_sequences=64, decode_steps=16 if quick else 48, seed=0)
-            out.append(Workload(name, shape, trace, None))
-            continue
-        path = traces_dir / REAL_TRACES[trace_name]
-        routes = load_route_trace(path).mask_unaligned_layers().restrict_to_layers_with_data()
-        trace = _restrict(load_sim_trace(path), 8 if trace_name == "mixtral" else None)
-        routes = routes.select_slots(np.searchsorted(routes.layer_ids, trace.layers))
-        out.append(Workload(name, replace(shape, num_experts=trace.num_experts, top_k=trace.top_k), trace, routes))
-    return out
 
 
 def build_store(manager: TierManager, shape: ExpertShape, layers: tuple[int, ...], device: torch.device,
@@ -170,7 +85,7 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
                            prefetch=prefetch if predictor else PrefetchConfig(distance=0), time_host_phases=True,
                            compute=compute, cuda_graphs=cuda_graphs)
     runtime = ExpertRuntime(store, config, device=device, top_k=shape.top_k, predictor=predictor)
-    router_inputs = _router_inputs(work, steps) if predictor is not None else None
+    router_inputs = recorded_router_inputs(work, steps) if predictor is not None else None
     # the routing of every step on the device before the timed loop, as a model's routers leave it there:
     # each layer's routing then reaches the host through the runtime's one wait on the GPU per layer
     indices = [[torch.from_numpy(step.experts[:, layer].astype(np.int64)).to(device) for layer in store.layers]
@@ -205,15 +120,6 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
                 "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
                 "prefetch_capped", "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes",
                 "demand_bytes", "host_us_per_layer", "graphs_captured", "graph_replays")}}
-
-
-def _router_inputs(work: Workload, steps: list[Step]) -> list[list[torch.Tensor]] | None:
-    """Per step and layer position, the recorded router inputs ``[B, H]`` of the step's rows (float32, made
-    before the timed loop), for predictors that read ``RouteContext.hidden``; None when the trace has none."""
-    if work.routes is None or work.routes.hidden is None:
-        return None
-    return [[torch.from_numpy(np.ascontiguousarray(work.routes.hidden[list(step.rows), position], dtype=np.float32))
-             for position in range(len(work.trace.layers))] for step in steps]
 
 
 def simulated_hit_rates(trace: SimTrace, fraction: float, batch: int) -> dict[str, float]:
@@ -263,12 +169,6 @@ def _warm_all(runtime: ExpertRuntime, store: ExpertStore, hidden: torch.Tensor, 
             runtime.run_layer(layer, hidden[:1], index, weights[:1], F.silu)
     runtime.prefetcher.drain()
     runtime.prefetcher.reset_stats()
-
-
-def _restrict(trace: SimTrace, max_layers: int | None) -> SimTrace:
-    if max_layers is None or len(trace.layers) <= max_layers:
-        return trace
-    return replace(trace, layers=trace.layers[:max_layers])
 
 
 def _subset(trace: SimTrace, seqs: list[int]) -> SimTrace:
@@ -347,18 +247,6 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
         manager.close()
     sink.close()
     return records
-
-
-def batch_steps(trace: SimTrace, batch: int, max_steps: int) -> tuple[list[Step], list[int]]:
-    """Whole batches of sequences, in trace order, until at least ``max_steps`` steps (at least one batch)."""
-    steps: list[Step] = []
-    seqs: list[int] = []
-    for group in batch_groups(trace, batch):
-        if steps and len(steps) >= max_steps:
-            break
-        steps += build_steps(trace, group, False)
-        seqs += list(group)
-    return steps, seqs
 
 
 def _checks(run: dict[str, Any], compute_only: dict[str, Any] | None, raw_gbps: float | None) -> dict[str, Any]:
