@@ -155,9 +155,8 @@ class Prefetcher:
             self.stats.prefetch_used += len(used)
             self._unused_prefetches -= used
         if keys:
-            wanted = set(keys)
-            self.precision.resolve(keys[0].layer, wanted)
-            self.regret.resolve(keys[0].layer, wanted)
+            self.precision.resolve(keys[0].layer, keys)
+            self.regret.resolve(keys[0].layer, keys)
         wave: list[ObjectKey] = []
         for key in present:
             self.cache.pin(key)

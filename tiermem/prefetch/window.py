@@ -27,7 +27,7 @@ against it; admitted objects are a prefix of the candidates (spill never shrinks
 from __future__ import annotations
 
 import time
-from collections.abc import Set as AbstractSet
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from tiermem.types import ObjectKey
@@ -83,7 +83,7 @@ class NextDemandShare:
     """The share of noted objects that the next demand of their layer wants: a running average from a prior.
 
     ``expect(key)`` notes an object (one prefetched, or one a prefetch evicted); ``resolve(layer, wanted)``
-    scores every object noted for ``layer`` against that layer's demand and forgets them.
+    scores every object noted for ``layer`` against the keys that layer's demand wanted and forgets them.
     """
 
     def __init__(self, prior: float, smoothing: float = 1 / 32) -> None:
@@ -94,6 +94,9 @@ class NextDemandShare:
     def expect(self, key: ObjectKey) -> None:
         self._pending.setdefault(key.layer, []).append(key)
 
-    def resolve(self, layer: int, wanted: AbstractSet[ObjectKey]) -> None:
-        for key in self._pending.pop(layer, ()):
-            self.value += self.smoothing * ((key in wanted) - self.value)
+    def resolve(self, layer: int, wanted: Collection[ObjectKey]) -> None:
+        noted = self._pending.pop(layer, None)
+        if noted:  # nothing noted (no prefetch ran): no set to build on the demand path
+            wanted = set(wanted)
+            for key in noted:
+                self.value += self.smoothing * ((key in wanted) - self.value)
