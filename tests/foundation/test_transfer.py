@@ -127,3 +127,53 @@ def test_gpu_copies_start_after_the_work_queued_on_the_after_stream():
     engine.submit(make_plan([(host, device)]), after=side).wait()
     assert torch.equal(device.cpu(), host)  # the copy came after the fill, so nothing of it was overwritten
     engine.close()
+
+
+def test_endpoints_are_validated_once_as_a_plan_would_be():
+    from tiermem.transfer import endpoint
+
+    with pytest.raises(TransferError, match="not contiguous"):
+        endpoint(torch.zeros(4, 4).t())
+    with pytest.raises(TransferError, match="pageable"):  # a host endpoint is only ever the pinned side of a copy
+        endpoint(torch.zeros(8), "source")
+
+
+def test_direct_copies_without_the_runtime_fast_path_say_what_to_do_instead():
+    from tiermem.transfer import cudart
+    from tiermem.transfer.plan import Endpoint
+
+    engine = TransferEngine()
+    if cudart.available():
+        pytest.skip("this process has a CUDA runtime mapped")
+    assert not engine.direct_available
+    with pytest.raises(TransferError, match="submit a plan instead"):
+        engine.submit_direct([(Endpoint(0, 8, None), Endpoint(0, 8, torch.device("cuda", 0)))])
+    engine.close()
+
+
+@pytest.mark.gpu
+def test_direct_copies_land_byte_exact_each_with_its_own_handle_and_refuse_mismatched_pairs():
+    from tiermem.transfer import endpoint
+
+    engine = TransferEngine(TransferConfig(chunk_bytes=(1 << 20) + 512))  # the second copy is chunked
+    homes = [torch.randint(0, 255, (n,), dtype=torch.uint8).pin_memory() for n in (4096, 3 << 20)]
+    slots = torch.zeros(2, 3 << 20, dtype=torch.uint8, device="cuda")
+    targets = [slots[0, :4096], slots[1]]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # tens of ms: a copy that did not wait for this stream would land first
+        slots.fill_(7)
+    pairs = [(endpoint(h, "source"), endpoint(t, "destination")) for h, t in zip(homes, targets)]
+    handles = engine.submit_direct(pairs, background=True, after=side)
+    assert [h.nbytes for h in handles] == [4096, 3 << 20]
+    for handle in handles:
+        handle.wait()
+        assert handle.done()
+    assert all(torch.equal(t.cpu(), h) for h, t in zip(homes, targets))
+    assert int((slots[0, 4096:] == 7).all()) == 1  # nothing beyond the first copy's bytes was written
+    assert engine.stats()["h2d_bytes"] == 4096 + (3 << 20)
+    with pytest.raises(TransferError, match="same size"):
+        engine.submit_direct([(pairs[0][0], pairs[1][1])])
+    with pytest.raises(TransferError, match="pinned host memory to a GPU buffer"):
+        engine.submit_direct([(pairs[0][1], pairs[0][0])])
+    engine.close()

@@ -2,6 +2,8 @@
 
 Both are structural protocols, so the prefetcher depends on no concrete cache or store
 (``tiermem.experts.cache.ExpertCache`` and ``tiermem.experts.store.ExpertStore`` satisfy them).
+Invariants the prefetcher relies on: a slot's row never moves while the cache holds memory, and an
+object's home never moves while the homes are open (so it validates each of them for copies once).
 """
 
 from __future__ import annotations

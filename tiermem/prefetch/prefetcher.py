@@ -64,7 +64,7 @@ from tiermem.prefetch.ports import Homes, SlotCache
 from tiermem.prefetch.stats import HostPhases, PrefetchStats
 from tiermem.prefetch.window import LinkWindow, NextDemandShare
 from tiermem.residency.signals import PredictionScores
-from tiermem.transfer import Copy, TransferHandle, make_plan
+from tiermem.transfer import Copy, Endpoint, TransferHandle, endpoint, make_plan
 from tiermem.types import ObjectKey
 
 log = logging.getLogger("tiermem.prefetch")
@@ -127,6 +127,10 @@ class Prefetcher:
         self._compute_stream: torch.cuda.Stream | None = None  # the current stream at the latest demand
         # MoE layer position -> its objects' keys, and each key's index among them
         self._position_keys: dict[int, tuple[tuple[ObjectKey, ...], dict[ObjectKey, int]]] = {}
+        # copies by address: homes and slot rows validated once (None: a home whose tier hooks I/O)
+        self._direct = self._cuda and manager.engine.direct_available
+        self._homes_direct: dict[ObjectKey, Endpoint | None] = {}
+        self._slots_direct: dict[int, Endpoint] = {}
         first = homes.key_at(0, 0)
         self._object_bytes = int(homes.home(first).numel())
         link_gbps = config.link_gbps or manager.tier(homes.tier_of(first)).link.bandwidth_gbps
@@ -337,10 +341,10 @@ class Prefetcher:
 
     def _issue(self, keys: Sequence[ObjectKey], tick: int, *, prefetch: bool) -> None:
         """Take a slot for each key and copy all of them in one submit; each key keeps its own completion."""
-        pairs = []
+        rows = []
         try:
             for key in keys:
-                pairs.append((self.homes.home(key), self.cache.begin_load(key, tick)))
+                rows.append(self.cache.begin_load(key, tick))
             gate = None
             if self._cuda:
                 gate = self._prefetch_gate if prefetch else self._demand_gate
@@ -348,14 +352,14 @@ class Prefetcher:
                     free = self._slot_free.pop(self.cache.slot_of(key), None)
                     if free is not None:
                         gate.wait_event(free)
-            handle = self._submit(keys, pairs, prefetch, gate)
+            handles = self._submit(keys, rows, prefetch, gate)
         except BaseException:
-            for key in keys[: len(pairs)]:
+            for key in keys[: len(rows)]:
                 self.cache.abort_load(key)
             raise
         nbytes = self._object_bytes
-        for index, key in enumerate(keys):
-            self._loads[key] = handle.part(index)
+        for key, handle in zip(keys, handles):
+            self._loads[key] = handle
             self.stats.bytes_by_tier[self.homes.tier_of(key)] += nbytes
         total = nbytes * len(keys)
         if self.window is not None:
@@ -367,18 +371,46 @@ class Prefetcher:
             for key in keys:
                 self.precision.expect(key)
         else:
-            self._layer_demands.append(handle)
+            self._layer_demands.extend(handles)
             self.stats.demand_bytes += total
 
-    def _submit(self, keys: Sequence[ObjectKey], pairs: list[tuple[torch.Tensor, torch.Tensor]],
-                prefetch: bool, gate: torch.cuda.Stream | None) -> TransferHandle:
-        """One plan for ``pairs`` (home -> slot row), applying the source tiers' I/O hooks (sim, faulty); the
-        copies start after the work queued on ``gate``."""
+    def _submit(self, keys: Sequence[ObjectKey], rows: list[torch.Tensor], prefetch: bool,
+                gate: torch.cuda.Stream | None) -> list[TransferHandle]:
+        """Copy each key's home into its slot row ``rows[i]``, after the work queued on ``gate``; one handle per key.
+
+        Homes and slots are validated once and then copied by address (``submit_direct``); a home on a tier
+        with I/O hooks (sim, faulty), or a host without the CUDA fast path, goes through a plan instead."""
+        engine = self.manager.engine
+        if self._direct:
+            pairs = [(self._home_endpoint(key), self._slot_endpoint(key, row)) for key, row in zip(keys, rows)]
+            if all(home is not None for home, _ in pairs):
+                return engine.submit_direct(pairs, background=prefetch, after=gate)
         copies = []
-        for key, (src, dst) in zip(keys, pairs):
+        for key, row in zip(keys, rows):
             tier = self.manager.tier(self.homes.tier_of(key))
-            copies.append(Copy(src, dst, (tier.on_io,) if tier.io_hooked else ()))
-        return self.manager.engine.submit(make_plan(copies), background=prefetch, after=gate)
+            copies.append(Copy(self.homes.home(key), row, (tier.on_io,) if tier.io_hooked else ()))
+        handle = engine.submit(make_plan(copies), background=prefetch, after=gate)
+        return [handle.part(i) for i in range(len(keys))]
+
+    def _home_endpoint(self, key: ObjectKey) -> Endpoint | None:
+        """``key``'s home, validated on its first copy; None when its tier hooks I/O (it needs a plan)."""
+        try:
+            return self._homes_direct[key]
+        except KeyError:
+            pass
+        home = None
+        if not self.manager.tier(self.homes.tier_of(key)).io_hooked:
+            home = endpoint(self.homes.home(key), "source")
+        self._homes_direct[key] = home
+        return home
+
+    def _slot_endpoint(self, key: ObjectKey, row: torch.Tensor) -> Endpoint:
+        """The slot row ``key`` is loading into, validated on the slot's first load."""
+        slot = self.cache.slot_of(key)
+        found = self._slots_direct.get(slot)
+        if found is None:
+            found = self._slots_direct[slot] = endpoint(row, "destination")
+        return found
 
     def _evict(self, key: ObjectKey) -> None:
         used = self._last_use.pop(key, None)

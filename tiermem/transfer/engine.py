@@ -24,15 +24,22 @@ directions overlap on separate copy engines. The round-robin turn persists acros
 back-to-back one-object submits alternate streams and one copy's setup hides behind another's bytes.
 GPU chunks are enqueued with ``cudaMemcpyAsync`` on the validated raw pointers (``cudart``: a few
 microseconds of host time instead of a ``copy_`` dispatch), or with ``copy_`` where no runtime is mapped.
+
+``submit_direct(pairs)`` is the hot path of a slot cache: host-to-GPU copies between ``Endpoint``s
+validated once (``plan.endpoint``), one handle per copy, the same streams, chunks and start rule as
+``submit``, but no plan, no tensors and no per-copy validation beyond comparing sizes and places
+(about one ``cudaMemcpyAsync`` and one event of host time per copy).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,7 +48,7 @@ import torch
 from tiermem.config import option, require
 from tiermem.errors import TierMemError, TransferError
 from tiermem.transfer import cudart
-from tiermem.transfer.plan import Copy, Direction, TransferPlan, split_chunks
+from tiermem.transfer.plan import Copy, Direction, Endpoint, TransferPlan, split_chunks
 
 log = logging.getLogger("tiermem.transfer")
 
@@ -174,6 +181,39 @@ class TransferEngine:
         handles = [TransferHandle(c.nbytes, e, f) for c, (e, f) in zip(plan.copies, parts)]
         return TransferHandle(nbytes, list(gpu_events.values()), futures, handles)
 
+    @property
+    def direct_available(self) -> bool:
+        """Whether ``submit_direct`` can run here (a CUDA runtime is mapped for raw-pointer copies)."""
+        return cudart.available()
+
+    def submit_direct(self, pairs: Sequence[tuple[Endpoint, Endpoint]], *, background: bool = False,
+                      after: torch.cuda.Stream | None = None) -> list[TransferHandle]:
+        """Copy each ``(host source, GPU destination)`` pair of validated endpoints; one handle per pair.
+
+        Starts after the work queued so far on ``after`` (default: the device's current stream), on the
+        streams ``submit`` would use; the caller keeps both buffers alive until each handle completes.
+        """
+        if self._closed:
+            raise TransferError("transfer: engine is closed; create a new TierManager")
+        if not cudart.available():
+            raise TransferError("transfer: submit_direct needs the CUDA runtime fast path, which this process "
+                                "lacks (direct_available is False); submit a plan instead")
+        for src, dst in pairs:
+            if src.device is not None or dst.device is None or src.nbytes != dst.nbytes:
+                raise TransferError(
+                    f"transfer: a direct copy goes from pinned host memory to a GPU buffer of the same size; got "
+                    f"{src.nbytes} bytes on {src.device or 'host'} -> {dst.nbytes} bytes on {dst.device or 'host'}"
+                )
+        start = _StartAfter(after)
+        handles = []
+        for src, dst in pairs:
+            events = self._enqueue_chunks(dst.device, Direction.H2D, background, start, src.nbytes,
+                                          functools.partial(_memcpy_at, dst.address, src.address))
+            handles.append(TransferHandle(src.nbytes, list(events.values()), []))
+        with self._lock:
+            self._bytes_by_direction[Direction.H2D.value] += sum(src.nbytes for src, _ in pairs)
+        return handles
+
     def stats(self) -> dict[str, int]:
         """Bytes submitted per direction since the engine started."""
         with self._lock:
@@ -204,23 +244,27 @@ class TransferEngine:
         """Enqueue one copy's chunks; returns one event per stream used, recorded after its last chunk."""
         device = copy.dst.device if copy.dst.is_cuda else copy.src.device
         lane = Direction.H2D if direction is Direction.D2D else direction
+        if cudart.available():  # the plan validated the pair: the raw runtime call is safe
+            enqueue = functools.partial(_memcpy_at, copy.dst.data_ptr(), copy.src.data_ptr())
+        else:
+            enqueue = functools.partial(_copy_at, copy.dst, copy.src)
+        return self._enqueue_chunks(device, lane, background, start, copy.nbytes, enqueue)
+
+    def _enqueue_chunks(self, device: torch.device, lane: Direction, background: bool, start: _StartAfter,
+                        nbytes: int, enqueue: Callable[[int, int, torch.cuda.Stream], None],
+                        ) -> dict[int, torch.cuda.Event]:
+        """``enqueue(offset, size, stream)`` each chunk of ``nbytes`` on the lane's streams in turn; returns one
+        event per stream used, recorded after its last chunk."""
         streams, turn = self._streams_for(device, lane, background)
         used: dict[int, torch.cuda.Stream] = {}
-        fast = cudart.available()  # the plan validated the pair: the raw runtime call is safe
-        dst_ptr, src_ptr = copy.dst.data_ptr(), copy.src.data_ptr()
-        for offset, size in split_chunks(copy.nbytes, self.config.chunk_bytes):
+        for offset, size in split_chunks(nbytes, self.config.chunk_bytes):
             stream = streams[next(turn) % len(streams)]
             used[id(stream)] = stream
             start.hold(stream, device)
             try:
-                if fast:
-                    cudart.memcpy_async(dst_ptr + offset, src_ptr + offset, size, stream.cuda_stream)
-                else:
-                    with torch.cuda.stream(stream):
-                        copy.dst.narrow(0, offset, size).copy_(copy.src.narrow(0, offset, size), non_blocking=True)
+                enqueue(offset, size, stream)
             except RuntimeError as exc:
-                raise TransferError(f"transfer: enqueueing a {size}-byte {direction.value} copy failed: "
-                                    f"{exc}") from exc
+                raise TransferError(f"transfer: enqueueing a {size}-byte {lane.value} copy failed: {exc}") from exc
         events = {}
         for key, stream in used.items():
             events[key] = torch.cuda.Event()
@@ -262,3 +306,12 @@ class _StartAfter:
 
 def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
+
+
+def _memcpy_at(dst_ptr: int, src_ptr: int, offset: int, size: int, stream: torch.cuda.Stream) -> None:
+    cudart.memcpy_async(dst_ptr + offset, src_ptr + offset, size, stream.cuda_stream)
+
+
+def _copy_at(dst: torch.Tensor, src: torch.Tensor, offset: int, size: int, stream: torch.cuda.Stream) -> None:
+    with torch.cuda.stream(stream):
+        dst.narrow(0, offset, size).copy_(src.narrow(0, offset, size), non_blocking=True)

@@ -5,6 +5,12 @@ says nothing about how: streams, chunks and threads are the engine's business. E
 made by ``make_plan`` holds flat ``uint8`` views of its tensors (validated and flattened once, so the
 engine's hot path does neither again). ``hooks`` are tier
 I/O hooks (``Tier.on_io``) the engine must call before moving the bytes (modelled time, faults).
+
+An ``Endpoint`` is one buffer validated once for many direct host-to-GPU copies (a cache copying the
+same homes into the same slots over and over): ``endpoint(tensor)`` checks it as ``make_plan`` would
+(contiguous; pinned if on the host) and keeps only its address, size and device, so each later copy
+costs the engine two attribute compares instead of a plan. Whoever holds an endpoint keeps its
+tensor alive and in place for as long as it uses it.
 """
 
 from __future__ import annotations
@@ -94,6 +100,25 @@ def make_plan(pairs: Iterable[tuple[torch.Tensor, torch.Tensor] | Copy]) -> Tran
         src, dst = as_bytes(copy.src), as_bytes(copy.dst)
         copies.append(copy if src is copy.src and dst is copy.dst else Copy(src, dst, copy.hooks))
     return TransferPlan(tuple(copies))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A contiguous buffer validated once for direct copies: its address, byte count and place."""
+
+    address: int
+    nbytes: int
+    device: torch.device | None  # the CUDA device holding it; None: pinned host memory
+
+
+def endpoint(tensor: torch.Tensor, role: str = "buffer") -> Endpoint:
+    """Validate ``tensor`` (contiguous; pinned if on the host) for ``TransferEngine.submit_direct``."""
+    flat = as_bytes(tensor)
+    nbytes = flat.numel()
+    if flat.is_cuda:
+        return Endpoint(flat.data_ptr(), nbytes, flat.device)
+    _require_pinned(flat, role, nbytes)
+    return Endpoint(flat.data_ptr(), nbytes, None)
 
 
 def split_chunks(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
