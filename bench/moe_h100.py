@@ -88,7 +88,7 @@ def main() -> int:
             out=str(out / workload.replace("@", "_")), quick=options.quick,
             prefetch_distance=options.prefetch_distance, prefetch_experts=options.prefetch_experts,
             prefetch_min_score=options.prefetch_min_score, compute=options.compute, cuda_graphs=options.cuda_graphs,
-            predictor=options.predictor,
+            predictor=options.predictor, rounds=options.rounds,
         )
         done = run_suite(args)
         print_table(done)

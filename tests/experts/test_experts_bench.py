@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from tiermem.bench import moe, moe_workloads
 
 
@@ -29,6 +31,31 @@ def test_bench_moe_replays_a_trace_and_reports_every_mode(tmp_path):
     assert all({"route_sync", "route", "compute", "total"} <= set(p) for p in phases)
     assert all(abs(p["total"] - sum(v for k, v in p.items() if k != "total")) < 1e-6 * p["total"] for p in phases)
     assert all("demand_submit" in r["host_us_per_layer"] for r in offloaded)
+
+
+def test_rounds_interleave_the_modes_and_report_each_modes_median_round(tmp_path):
+    parser = argparse.ArgumentParser()
+    moe.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["moe", "--device", "cpu", "--workloads", "tiny@uniform", "--quick", "--batches", "1",
+                              "--max-steps", "4", "--rounds", "3", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "moe.jsonl").read_text().splitlines()]
+    offloaded = [r for r in records if r["kind"] == "run" and r["mode"] != "all_hbm"]
+    assert len(offloaded) == 3  # one record per mode: its median round
+    for run in offloaded:
+        assert len(run["round_tokens_per_s"]) == 3 and run["tokens_per_s"] == sorted(run["round_tokens_per_s"])[1]
+    (summary,) = [r for r in records if r["kind"] == "summary"]
+    by_mode = {r["mode"]: r["round_tokens_per_s"] for r in offloaded}
+    assert summary["round_tokens_per_s_vs_lru"] == [t / lru for t, lru in zip(by_mode["tiermem"], by_mode["lru"])]
+    args.rounds = 0
+    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+        args.func(args)
+
+
+def test_median_run_takes_the_lower_middle_round_of_an_even_count():
+    rounds = [{"tokens_per_s": t, "label": i} for i, t in enumerate((30.0, 10.0, 40.0, 20.0))]
+    assert moe.median_run(rounds)["label"] == 3  # 20 of 10, 20, 30, 40
+    assert moe.median_run(rounds)["round_tokens_per_s"] == [30.0, 10.0, 40.0, 20.0]
 
 
 def test_the_bench_predictor_is_any_registered_one_fitted_on_the_other_half_of_the_sequences():

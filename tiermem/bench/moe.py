@@ -1,7 +1,8 @@
 """``tiermem bench moe``: replay routing traces through real-shaped expert layers, offloaded vs all in HBM.
 
 For each workload (expert shape x routing trace), resident fraction and decode batch, one run per
-mode, all in one process, every run on the same store and the same steps:
+mode (``--rounds N``: N runs per offloaded mode, the modes interleaved, each reporting its median
+round with every round's tokens/s beside it), all in one process, on the same store and steps:
 
 | mode      | what                                                                           |
 |-----------|--------------------------------------------------------------------------------|
@@ -122,6 +123,12 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
                 "demand_bytes", "host_us_per_layer", "graphs_captured", "graph_replays")}}
 
 
+def median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median tokens/s (the lower one of an even count), with every round's tokens/s."""
+    ranked = sorted(rounds, key=lambda run: run["tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "round_tokens_per_s": [run["tokens_per_s"] for run in rounds]}
+
+
 def simulated_hit_rates(trace: SimTrace, fraction: float, batch: int) -> dict[str, float]:
     """The simulator's LRU, LFU and Belady (oracle) hit rates on the same steps."""
     return {f"sim_{p}": simulate(trace, SimConfig(policy=p, resident_fraction=fraction, batch_size=batch)).hit_rate
@@ -190,6 +197,8 @@ PREFETCH_MIN_SCORE = 0.0  # co-occurrence scores are not calibrated probabilitie
 def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every run of the suite; returns (and writes, one JSON line each) the records."""
     device = torch.device(args.device)
+    if args.rounds < 1:
+        raise SystemExit(f"tiermem bench moe: --rounds must be at least 1, got {args.rounds}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("tiermem bench moe: --device cuda but CUDA is not available; use --device cpu for a smoke run")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -235,13 +244,16 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
                                         prefetch=prefetch, compute=compute, cuda_graphs=args.cuda_graphs)
                 emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": 1.0, **compute_only})
             for fraction in args.fractions:
-                runs = {}
-                for mode in (m for m in args.modes if m != "all_hbm"):
-                    runs[mode] = run_mode(store, work, steps, mode=mode, fraction=fraction, batch=batch,
-                                          device=device, prefetch=prefetch, compute=compute,
-                                          cuda_graphs=args.cuda_graphs, predictor=predictor)
+                rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes if m != "all_hbm"}
+                for _ in range(args.rounds):  # modes interleaved, so host jitter falls on every mode alike
+                    for mode, done in rounds.items():
+                        done.append(run_mode(store, work, steps, mode=mode, fraction=fraction, batch=batch,
+                                             device=device, prefetch=prefetch, compute=compute,
+                                             cuda_graphs=args.cuda_graphs, predictor=predictor))
+                runs = {mode: median_run(done) for mode, done in rounds.items()}
+                for run in runs.values():
                     emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": fraction,
-                          **_checks(runs[mode], compute_only, raw_gbps)})
+                          **_checks(run, compute_only, raw_gbps)})
                 emit(_summary(work, batch, fraction, runs, simulated_hit_rates(_subset(work.trace, seqs), fraction, batch)))
         store.close()
         manager.close()
@@ -270,6 +282,8 @@ def _summary(work: Workload, batch: int, fraction: float, runs: dict[str, dict[s
         gap = simulated["sim_belady"] - runs["lru"]["hit_rate"]
         record["gap_closed"] = (runs["tiermem"]["hit_rate"] - runs["lru"]["hit_rate"]) / gap if gap > 0 else None
         record["tokens_per_s_vs_lru"] = runs["tiermem"]["tokens_per_s"] / runs["lru"]["tokens_per_s"]
+        record["round_tokens_per_s_vs_lru"] = [t / lru for t, lru in zip(runs["tiermem"]["round_tokens_per_s"],
+                                                                         runs["lru"]["round_tokens_per_s"])]
     return record
 
 
@@ -283,6 +297,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="expert compute of every mode: grouped (two grouped GEMMs per layer) or loop (per expert)")
     parser.add_argument("--predictor", choices=PREDICTORS.names(), default="cooccurrence",
                         help="tiermem mode's predictor, fitted on the other half of the sequences of each row")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs per offloaded mode, interleaved; each mode reports its median-tokens/s round")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="launch every grouped layer eagerly instead of replaying its CUDA graph (every mode)")
 

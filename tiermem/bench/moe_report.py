@@ -11,7 +11,8 @@ from rich.table import Table
 def print_summary(records: list[dict[str, Any]]) -> None:
     """One row per (workload, batch, fraction): the acceptance figures of tiermem against LRU."""
     table = Table(title="tiermem bench moe: acceptance summary")
-    for column in ("workload", "batch", "fraction", "tok/s lru", "tok/s tiermem", "vs lru", "hit lru", "hit tiermem",
+    for column in ("workload", "batch", "fraction", "tok/s lru", "tok/s tiermem", "vs lru", "rounds vs lru", "hit lru",
+                   "hit tiermem",
                    "belady", "gap closed", "xfer eff", "overlap lru", "overlap tiermem"):
         table.add_column(column)
     efficiency = {r["workload"]: r.get("transfer_efficiency") for r in records if r["kind"] == "workload"}
@@ -21,15 +22,20 @@ def print_summary(records: list[dict[str, Any]]) -> None:
         where = (r["workload"], r["batch"], r["fraction"])
         table.add_row(r["workload"], str(r["batch"]), f"{r['fraction']:.2f}", _fmt(r.get("lru_tokens_per_s"), ".1f"),
                       _fmt(r.get("tiermem_tokens_per_s"), ".1f"), _fmt(r.get("tokens_per_s_vs_lru"), ".2f"),
-                      _fmt(r.get("lru_hit_rate"), ".3f"), _fmt(r.get("tiermem_hit_rate"), ".3f"),
+                      _spread(r.get("round_tokens_per_s_vs_lru")), _fmt(r.get("lru_hit_rate"), ".3f"), _fmt(r.get("tiermem_hit_rate"), ".3f"),
                       _fmt(r.get("sim_belady"), ".3f"), _fmt(r.get("gap_closed"), ".2f"),
                       _fmt(efficiency.get(r["workload"]), ".2f"), _fmt(overlap.get((*where, "lru")), ".2f"),
                       _fmt(overlap.get((*where, "tiermem")), ".2f"))
-    Console(width=170).print(table)
+    Console(width=190).print(table)
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _spread(ratios: list[float] | None) -> str:
+    """The range of the per-round ratios ("-" for a single round: no spread to show)."""
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios and len(ratios) > 1 else "-"
 
 
 def print_table(records: list[dict[str, Any]]) -> None:
