@@ -164,11 +164,12 @@ def test_direct_copies_land_byte_exact_each_with_its_own_handle_and_refuse_misma
         torch.cuda._sleep(50_000_000)  # tens of ms: a copy that did not wait for this stream would land first
         slots.fill_(7)
     pairs = [(endpoint(h, "source"), endpoint(t, "destination")) for h, t in zip(homes, targets)]
-    handles = engine.submit_direct(pairs, background=True, after=side)
-    assert [h.nbytes for h in handles] == [4096, 3 << 20]
-    for handle in handles:
-        handle.wait()
-        assert handle.done()
+    handle = engine.submit_direct(pairs, background=True, after=side)
+    assert handle.nbytes == 4096 + (3 << 20) and [handle.part(i).nbytes for i in (0, 1)] == [4096, 3 << 20]
+    handle.part(0).wait()
+    assert handle.part(0).done()
+    handle.wait()
+    assert handle.done() and handle.part(1).done()
     assert all(torch.equal(t.cpu(), h) for h, t in zip(homes, targets))
     assert int((slots[0, 4096:] == 7).all()) == 1  # nothing beyond the first copy's bytes was written
     assert engine.stats()["h2d_bytes"] == 4096 + (3 << 20)

@@ -198,8 +198,8 @@ class ExpertRuntime:
         out, result = None, None
         for wave in self.prefetcher.demand(list(expert_of), tick):
             slot_of_expert = np.full(num_experts, -1, dtype=np.int64)
+            self.prefetcher.ready_all(wave)
             for key in wave:
-                self.prefetcher.ready(key)
                 slot_of_expert[expert_of[key]] = self.cache.slot_of(key) - first_slot
             rows = wave_rows(pairs, slot_of_expert, weights.down.shape[0])
             if out is None and self._graphs is not None and rows.num_rows == pairs.size:  # the whole layer

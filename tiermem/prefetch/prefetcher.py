@@ -187,23 +187,34 @@ class Prefetcher:
 
     def ready(self, key: ObjectKey) -> torch.Tensor:
         """``key``'s slot row, once the compute stream will see its bytes (waits only on this copy)."""
-        handle = self._loads.get(key)
-        if handle is not None:
-            if handle.done():
-                self._land(key)
-            elif self._cuda:
-                stream = self._compute_stream or torch.cuda.current_stream(self.cache.device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
+        return self.ready_all((key,))[0]
+
+    def ready_all(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor]:
+        """Each key's slot row, once the compute stream will see its bytes: it waits only on these copies, and
+        their stall is measured once for all of them (one pair of timing events, not one per key)."""
+        waiting = []
+        for key in keys:
+            handle = self._loads.get(key)
+            if handle is not None:
+                if handle.done():
+                    self._land(key)
+                else:
+                    waiting.append((key, handle))
+        if waiting and self._cuda:
+            stream = self._compute_stream or torch.cuda.current_stream(self.cache.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for _, handle in waiting:
                 handle.wait_on(stream)
-                end.record(stream)
-                self._stall_events.append((start, end))
-            else:
-                began = time.perf_counter()
+            end.record(stream)
+            self._stall_events.append((start, end))
+        elif waiting:
+            began = time.perf_counter()
+            for key, handle in waiting:
                 handle.wait()
-                self.stats.stall_s += time.perf_counter() - began
                 self._land(key)
-        return self.cache.block(key)
+            self.stats.stall_s += time.perf_counter() - began
+        return [self.cache.block(key) for key in keys]
 
     # ---- prefetch --------------------------------------------------------------------------
     def prefetch(self, context: RouteContext, tick: int, needed_now: frozenset[ObjectKey] = frozenset()) -> int:
@@ -352,14 +363,14 @@ class Prefetcher:
                     free = self._slot_free.pop(self.cache.slot_of(key), None)
                     if free is not None:
                         gate.wait_event(free)
-            handles = self._submit(keys, rows, prefetch, gate)
+            handle = self._submit(keys, rows, prefetch, gate)
         except BaseException:
             for key in keys[: len(rows)]:
                 self.cache.abort_load(key)
             raise
         nbytes = self._object_bytes
-        for key, handle in zip(keys, handles):
-            self._loads[key] = handle
+        for index, key in enumerate(keys):
+            self._loads[key] = handle.part(index)
             self.stats.bytes_by_tier[self.homes.tier_of(key)] += nbytes
         total = nbytes * len(keys)
         if self.window is not None:
@@ -371,12 +382,12 @@ class Prefetcher:
             for key in keys:
                 self.precision.expect(key)
         else:
-            self._layer_demands.extend(handles)
+            self._layer_demands.append(handle)
             self.stats.demand_bytes += total
 
     def _submit(self, keys: Sequence[ObjectKey], rows: list[torch.Tensor], prefetch: bool,
-                gate: torch.cuda.Stream | None) -> list[TransferHandle]:
-        """Copy each key's home into its slot row ``rows[i]``, after the work queued on ``gate``; one handle per key.
+                gate: torch.cuda.Stream | None) -> TransferHandle:
+        """Copy each key's home into its slot row ``rows[i]``, after the work queued on ``gate`` (``part(i)``: key i).
 
         Homes and slots are validated once and then copied by address (``submit_direct``); a home on a tier
         with I/O hooks (sim, faulty), or a host without the CUDA fast path, goes through a plan instead."""
@@ -389,8 +400,7 @@ class Prefetcher:
         for key, row in zip(keys, rows):
             tier = self.manager.tier(self.homes.tier_of(key))
             copies.append(Copy(self.homes.home(key), row, (tier.on_io,) if tier.io_hooked else ()))
-        handle = engine.submit(make_plan(copies), background=prefetch, after=gate)
-        return [handle.part(i) for i in range(len(keys))]
+        return engine.submit(make_plan(copies), background=prefetch, after=gate)
 
     def _home_endpoint(self, key: ObjectKey) -> Endpoint | None:
         """``key``'s home, validated on its first copy; None when its tier hooks I/O (it needs a plan)."""

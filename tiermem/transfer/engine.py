@@ -26,7 +26,7 @@ GPU chunks are enqueued with ``cudaMemcpyAsync`` on the validated raw pointers (
 microseconds of host time instead of a ``copy_`` dispatch), or with ``copy_`` where no runtime is mapped.
 
 ``submit_direct(pairs)`` is the hot path of a slot cache: host-to-GPU copies between ``Endpoint``s
-validated once (``plan.endpoint``), one handle per copy, the same streams, chunks and start rule as
+validated once (``plan.endpoint``), with the handle, parts, streams, chunks and start rule of
 ``submit``, but no plan, no tensors and no per-copy validation beyond comparing sizes and places
 (about one ``cudaMemcpyAsync`` and one event of host time per copy).
 """
@@ -187,11 +187,12 @@ class TransferEngine:
         return cudart.available()
 
     def submit_direct(self, pairs: Sequence[tuple[Endpoint, Endpoint]], *, background: bool = False,
-                      after: torch.cuda.Stream | None = None) -> list[TransferHandle]:
-        """Copy each ``(host source, GPU destination)`` pair of validated endpoints; one handle per pair.
+                      after: torch.cuda.Stream | None = None) -> TransferHandle:
+        """Copy each ``(host source, GPU destination)`` pair of validated endpoints; returns at once.
 
-        Starts after the work queued so far on ``after`` (default: the device's current stream), on the
-        streams ``submit`` would use; the caller keeps both buffers alive until each handle completes.
+        As ``submit``: one handle for the whole batch, ``part(i)`` for pair ``i`` alone; copies start after
+        the work queued so far on ``after`` (default: the device's current stream), on the streams ``submit``
+        would use, and the caller keeps both buffers alive until the handle completes.
         """
         if self._closed:
             raise TransferError("transfer: engine is closed; create a new TierManager")
@@ -205,14 +206,19 @@ class TransferEngine:
                     f"{src.nbytes} bytes on {src.device or 'host'} -> {dst.nbytes} bytes on {dst.device or 'host'}"
                 )
         start = _StartAfter(after)
-        handles = []
+        parts = []
+        last: dict[int, torch.cuda.Event] = {}  # stream -> its last event: the whole batch
         for src, dst in pairs:
             events = self._enqueue_chunks(dst.device, Direction.H2D, background, start, src.nbytes,
                                           functools.partial(_memcpy_at, dst.address, src.address))
-            handles.append(TransferHandle(src.nbytes, list(events.values()), []))
+            parts.append(TransferHandle(src.nbytes, list(events.values()), []))
+            last.update(events)
+        nbytes = sum(src.nbytes for src, _ in pairs)
         with self._lock:
-            self._bytes_by_direction[Direction.H2D.value] += sum(src.nbytes for src, _ in pairs)
-        return handles
+            self._bytes_by_direction[Direction.H2D.value] += nbytes
+        if len(parts) == 1:
+            return parts[0]
+        return TransferHandle(nbytes, list(last.values()), [], parts)
 
     def stats(self) -> dict[str, int]:
         """Bytes submitted per direction since the engine started."""
