@@ -47,6 +47,16 @@ def test_prefetch_plan_respects_budget_room_pins_and_in_flight(state):
         assert scores.get(victim, float("-inf")) < scores[load], "displaces something predicted at least as likely"
 
 
+@given(planner_states())
+@settings(max_examples=200, deadline=None)
+def test_resident_scores_looked_up_lazily_plan_exactly_as_a_dict_of_every_score(state):
+    scores, resident, in_flight, pinned, needed, free, budget = state
+    candidates = {k: v for k, v in scores.items() if k not in set(resident)}
+    lazy = plan_prefetch(candidates, resident, in_flight, pinned, free, budget, needed_now=needed,
+                         resident_score=lambda key: scores.get(key, float("-inf")))
+    assert lazy == plan_prefetch(scores, resident, in_flight, pinned, free, budget, needed_now=needed)
+
+
 def test_prefetch_loads_the_best_scored_first_and_evicts_in_policy_order_around_pins():
     scores = {KEYS[5]: 0.9, KEYS[6]: 0.8, KEYS[7]: 0.1, KEYS[0]: 0.05}
     plan = plan_prefetch(scores, [KEYS[0], KEYS[1], KEYS[2]], frozenset(), frozenset({KEYS[1]}), 0,

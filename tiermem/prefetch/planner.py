@@ -15,7 +15,7 @@ Invariants of every plan (tested):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -69,12 +69,15 @@ def plan_prefetch(
     free_slots: int,
     budget: PrefetchBudget,
     needed_now: AbstractSet[ObjectKey] = frozenset(),
+    resident_score: Callable[[ObjectKey], float] | None = None,
 ) -> PrefetchPlan:
     """Choose which predicted objects to load and which resident ones to evict for them.
 
     ``scores`` are predictions for the group's objects (higher = sooner needed); ``resident`` lists
     the group's resident objects in eviction order (lowest priority first, see
     ``tiermem.residency.eviction_order``). A resident object without a score counts as not predicted.
+    ``resident_score(key)``, when given, scores resident objects instead, asked only for the victims
+    the plan walks past (a caller holding every score in an array need not build a dict of them).
     Candidates are taken by descending score (ties by key); each one takes a free slot or evicts the
     first evictable object whose score is lower than its own, until the budget or the room runs out.
     """
@@ -90,6 +93,7 @@ def plan_prefetch(
     protected = set(pinned) | set(in_flight) | set(needed_now)
     victims = [key for key in resident if key not in protected]
 
+    victim_score = resident_score or (lambda key: scores.get(key, float("-inf")))
     loads: list[ObjectKey] = []
     evictions: list[ObjectKey] = []
     free, next_victim = free_slots, 0
@@ -98,7 +102,7 @@ def plan_prefetch(
             free -= 1
         else:
             floor = scores[key]
-            while next_victim < len(victims) and scores.get(victims[next_victim], float("-inf")) >= floor:
+            while next_victim < len(victims) and victim_score(victims[next_victim]) >= floor:
                 next_victim += 1  # scored at least as high: later candidates score lower, so skip for good
             if next_victim == len(victims):
                 break
