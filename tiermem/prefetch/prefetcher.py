@@ -2,8 +2,9 @@
 
 It drives three parts it does not own: a slot cache (``SlotCache``: HBM slots + residency directory +
 eviction order), the objects' host homes (``Homes``) and a ``TierManager`` whose transfer engine
-issues the copies on its own streams. Decisions come from the pure planners (``plan_prefetch``,
-``plan_demand``); this class only applies plans, tracks copies and counts.
+issues the copies on its own streams (through ``SlotCopies``: by address where it can). Decisions
+come from the pure planners (``plan_prefetch``, ``plan_demand``); this class only applies plans,
+tracks copies and counts.
 
 Design note. One object (an expert) moves through these states::
 
@@ -59,12 +60,13 @@ from tiermem.config import option, require
 from tiermem.errors import ConfigError
 from tiermem.manager import TierManager
 from tiermem.predict.base import Predictor, RouteContext
+from tiermem.prefetch.copies import SlotCopies
 from tiermem.prefetch.planner import PrefetchBudget, plan_demand, plan_prefetch
 from tiermem.prefetch.ports import Homes, SlotCache
 from tiermem.prefetch.stats import HostPhases, PrefetchStats
 from tiermem.prefetch.window import LinkWindow, NextDemandShare
 from tiermem.residency.signals import PredictionScores
-from tiermem.transfer import Copy, Endpoint, TransferHandle, endpoint, make_plan
+from tiermem.transfer import TransferHandle
 from tiermem.types import ObjectKey
 
 log = logging.getLogger("tiermem.prefetch")
@@ -127,10 +129,7 @@ class Prefetcher:
         self._compute_stream: torch.cuda.Stream | None = None  # the current stream at the latest demand
         # MoE layer position -> its objects' keys, and each key's index among them
         self._position_keys: dict[int, tuple[tuple[ObjectKey, ...], dict[ObjectKey, int]]] = {}
-        # copies by address: homes and slot rows validated once (None: a home whose tier hooks I/O)
-        self._direct = self._cuda and manager.engine.direct_available
-        self._homes_direct: dict[ObjectKey, Endpoint | None] = {}
-        self._slots_direct: dict[int, Endpoint] = {}
+        self._copies = SlotCopies(cache, homes, manager)
         first = homes.key_at(0, 0)
         self._object_bytes = int(homes.home(first).numel())
         link_gbps = config.link_gbps or manager.tier(homes.tier_of(first)).link.bandwidth_gbps
@@ -365,7 +364,7 @@ class Prefetcher:
                     free = self._slot_free.pop(self.cache.slot_of(key), None)
                     if free is not None:
                         gate.wait_event(free)
-            handle = self._submit(keys, rows, prefetch, gate)
+            handle = self._copies.submit(keys, rows, background=prefetch, after=gate)
         except BaseException:
             for key in keys[: len(rows)]:
                 self.cache.abort_load(key)
@@ -386,43 +385,6 @@ class Prefetcher:
         else:
             self._layer_demands.append(handle)
             self.stats.demand_bytes += total
-
-    def _submit(self, keys: Sequence[ObjectKey], rows: list[torch.Tensor], prefetch: bool,
-                gate: torch.cuda.Stream | None) -> TransferHandle:
-        """Copy each key's home into its slot row ``rows[i]``, after the work queued on ``gate`` (``part(i)``: key i).
-
-        Homes and slots are validated once and then copied by address (``submit_direct``); a home on a tier
-        with I/O hooks (sim, faulty), or a host without the CUDA fast path, goes through a plan instead."""
-        engine = self.manager.engine
-        if self._direct:
-            pairs = [(self._home_endpoint(key), self._slot_endpoint(key, row)) for key, row in zip(keys, rows)]
-            if all(home is not None for home, _ in pairs):
-                return engine.submit_direct(pairs, background=prefetch, after=gate)
-        copies = []
-        for key, row in zip(keys, rows):
-            tier = self.manager.tier(self.homes.tier_of(key))
-            copies.append(Copy(self.homes.home(key), row, (tier.on_io,) if tier.io_hooked else ()))
-        return engine.submit(make_plan(copies), background=prefetch, after=gate)
-
-    def _home_endpoint(self, key: ObjectKey) -> Endpoint | None:
-        """``key``'s home, validated on its first copy; None when its tier hooks I/O (it needs a plan)."""
-        try:
-            return self._homes_direct[key]
-        except KeyError:
-            pass
-        home = None
-        if not self.manager.tier(self.homes.tier_of(key)).io_hooked:
-            home = endpoint(self.homes.home(key), "source")
-        self._homes_direct[key] = home
-        return home
-
-    def _slot_endpoint(self, key: ObjectKey, row: torch.Tensor) -> Endpoint:
-        """The slot row ``key`` is loading into, validated on the slot's first load."""
-        slot = self.cache.slot_of(key)
-        found = self._slots_direct.get(slot)
-        if found is None:
-            found = self._slots_direct[slot] = endpoint(row, "destination")
-        return found
 
     def _evict(self, key: ObjectKey) -> None:
         used = self._last_use.pop(key, None)
