@@ -165,6 +165,17 @@ def test_an_object_overhanging_the_window_is_admitted_only_when_likely_enough_to
     assert window.admitted(1_000_000, 2, precision=0.3, now_s=0.0012) == 0  # 0.4 >= 0.3 x 1 ms: too likely wasted
 
 
+def test_the_hosts_wait_for_routing_is_not_counted_as_link_time_free_for_prefetch():
+    waited, idle = (LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0) for _ in range(2))
+    for window, routing_wait_s in ((waited, 0.0045), (idle, 0.0)):
+        window.admitted(1_000_000, 1, precision=0.9, now_s=0.0)
+        window.layer_started(now_s=0.005, routing_wait_s=routing_wait_s)
+    # 4.5 of the 5 ms went to waiting for the GPU (queued copies, compute): 0.5 ms of lead, one 1 ms object
+    # spills 0.5 ms < 0.9 x 1 ms, a second would spill a whole one
+    assert waited.admitted(1_000_000, 4, precision=0.9, now_s=0.005) == 1
+    assert idle.admitted(1_000_000, 4, precision=0.9, now_s=0.005) == 4  # a 5 ms lead of host work
+
+
 def test_bytes_still_queued_on_the_link_leave_no_prefetch_room():
     window = LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0)
     window.admitted(1_000_000, 1, precision=0.9, now_s=0.0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -142,16 +143,18 @@ class ExpertRuntime:
                               "experts are gone, so the model cannot run anymore")
         phases = self.phases
         phases.start()
+        began = time.perf_counter()
         index = top_k_index.to("cpu").numpy()  # the one synchronisation per layer: which experts were hit
+        routing_wait_s = time.perf_counter() - began
         phases.lap("route_sync")
         router_input = hidden if router_input is None else router_input
         if self.compute is ExpertCompute.GROUPED:
-            return self._run_grouped(layer, index, hidden, top_k_weights, act_fn, router_input)
+            return self._run_grouped(layer, index, hidden, top_k_weights, act_fn, router_input, routing_wait_s)
         routing = route(torch.from_numpy(index), self.store.num_experts, hidden.device)
         context, tick, by_key = self._record_routing(layer, index, router_input)
         outputs: dict[int, torch.Tensor] = {}
         prefetched = False
-        for wave in self.prefetcher.demand(list(by_key), tick):
+        for wave in self.prefetcher.demand(list(by_key), tick, routing_wait_s):
             if not prefetched:
                 # the next layers' prefetch queues on the link right behind this layer's misses, so it
                 # moves while the host launches this layer's compute, not when the next layer's misses come
@@ -186,7 +189,7 @@ class ExpertRuntime:
 
     def _run_grouped(
         self, layer: int, index: np.ndarray, hidden: torch.Tensor, top_k_weights: torch.Tensor,
-        act_fn: Callable[[torch.Tensor], torch.Tensor], router_input: torch.Tensor,
+        act_fn: Callable[[torch.Tensor], torch.Tensor], router_input: torch.Tensor, routing_wait_s: float,
     ) -> torch.Tensor:
         phases = self.phases
         num_experts = self.store.num_experts
@@ -196,7 +199,7 @@ class ExpertRuntime:
         weights = self._slot_weights[group]
         first_slot = group * self.cache.pool.slots_per_group
         out, result = None, None
-        for wave in self.prefetcher.demand(list(expert_of), tick):
+        for wave in self.prefetcher.demand(list(expert_of), tick, routing_wait_s):
             slot_of_expert = np.full(num_experts, -1, dtype=np.int64)
             self.prefetcher.ready_all(wave)
             for key in wave:

@@ -136,8 +136,11 @@ class Prefetcher:
         self.window = LinkWindow(link_gbps, config.link_fill) if config.link_fill is not None else None
 
     # ---- demand ----------------------------------------------------------------------------
-    def demand(self, keys: Sequence[ObjectKey], tick: int) -> Iterator[list[ObjectKey]]:
+    def demand(self, keys: Sequence[ObjectKey], tick: int, routing_wait_s: float = 0.0) -> Iterator[list[ObjectKey]]:
         """Yield ``keys`` (one slot group) in waves that are pinned and being copied; use each via ``ready``.
+
+        ``routing_wait_s``: how long the host waited for this layer's routing (the GPU's work); the link
+        window leaves it out of the time it counts on for prefetch (see ``LinkWindow``).
 
         The first wave holds every key already present, then as many misses as the group has room for.
         A wave stays pinned until the caller asks for the next one (or the generator closes).
@@ -147,7 +150,7 @@ class Prefetcher:
         # the stream that uses this layer's waves, asked once per layer (each ask costs microseconds)
         self._compute_stream = torch.cuda.current_stream(self.cache.device) if self._cuda else None
         if self.window is not None:
-            self.window.layer_started()
+            self.window.layer_started(routing_wait_s=routing_wait_s)
         present = [k for k in keys if self.cache.contains(k)]
         pending = sorted(k for k in keys if not self.cache.contains(k))
         self.stats.demands += len(keys)

@@ -8,7 +8,10 @@ of the copies already queued and the next demand, is ``free = fill x max(0, lead
 ``lead`` is the measured host time from a prefetch decision to the next layer's demand (exponential
 average: in a host-bound step that is most of the layer, and the link is idle in it), and
 ``backlog`` is the time the link still needs for every byte queued so far (a virtual clock advanced
-by ``bytes / bandwidth`` per submit).
+by ``bytes / bandwidth`` per submit). The host's wait for the next layer's routing is left out of
+``lead``: that wait is the GPU finishing queued copies and compute, which the backlog already
+counts, and an average lead that kept it would lend one layer's wait to the next (on a link-bound
+Mixtral layer after a layer of misses, a whole expert's copy time of idle link that is not there).
 
 Objects are admitted in score order by their expected effect on the next demand. Object ``i`` (of
 link time ``t``) would still be moving for ``spill_i = max(0, i t - free) - max(0, (i-1) t - free)``
@@ -44,11 +47,12 @@ class LinkWindow:
     _busy_until_s: float = 0.0  # when the link will have moved every byte queued so far
     _decided_s: float | None = None  # host time of the last prefetch decision, until the next demand measures it
 
-    def layer_started(self, now_s: float | None = None) -> None:
-        """A layer's routing is known and its demand comes now: close the last prefetch decision's lead."""
+    def layer_started(self, now_s: float | None = None, routing_wait_s: float = 0.0) -> None:
+        """A layer's routing is known and its demand comes now: close the last prefetch decision's lead, less
+        the ``routing_wait_s`` the host spent waiting for that routing (the GPU's work, counted by the backlog)."""
         now_s = time.perf_counter() if now_s is None else now_s
         if self._decided_s is not None:
-            lead_s = now_s - self._decided_s
+            lead_s = max(0.0, now_s - self._decided_s - routing_wait_s)
             previous = lead_s if self.lead_s is None else self.lead_s
             self.lead_s = (1 - self.smoothing) * previous + self.smoothing * lead_s
             self._decided_s = None
