@@ -165,15 +165,23 @@ def test_an_object_overhanging_the_window_is_admitted_only_when_likely_enough_to
     assert window.admitted(1_000_000, 2, precision=0.3, now_s=0.0012) == 0  # 0.4 >= 0.3 x 1 ms: too likely wasted
 
 
-def test_the_hosts_wait_for_routing_is_not_counted_as_link_time_free_for_prefetch():
-    waited, idle = (LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0) for _ in range(2))
-    for window, routing_wait_s in ((waited, 0.0045), (idle, 0.0)):
-        window.admitted(1_000_000, 1, precision=0.9, now_s=0.0)
-        window.layer_started(now_s=0.005, routing_wait_s=routing_wait_s)
-    # 4.5 of the 5 ms went to waiting for the GPU (queued copies, compute): 0.5 ms of lead, one 1 ms object
-    # spills 0.5 ms < 0.9 x 1 ms, a second would spill a whole one
-    assert waited.admitted(1_000_000, 4, precision=0.9, now_s=0.005) == 1
-    assert idle.admitted(1_000_000, 4, precision=0.9, now_s=0.005) == 4  # a 5 ms lead of host work
+def test_a_wait_for_routing_that_queued_copies_explain_is_not_lent_to_a_layer_with_nothing_queued():
+    window = LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0)
+    window.queued(4_000_000, now_s=0.0)  # 4 ms of misses on the link
+    window.admitted(1_000_000, 1, precision=0.9, now_s=0.0)  # decision with a 4 ms backlog
+    window.layer_started(now_s=0.0045, routing_wait_s=0.004)  # 0.5 ms of host work, then waiting for those copies
+    assert (window.host_s, window.tail_s) == pytest.approx((0.0005, 0.0005))  # the backlog explains 3.5 of 4 ms
+    # the next layer has nothing queued: its demand comes after ~0.5 ms of host work + 0.5 ms tail, not 4.5 ms,
+    # so a 1 ms object spills nothing and a second one a whole 1 ms (> 0.9 x 1 ms)
+    assert window.admitted(1_000_000, 4, precision=0.9, now_s=0.0045) == 1
+
+
+def test_a_wait_for_compute_with_the_link_idle_counts_as_prefetch_time():
+    window = LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0)
+    window.admitted(1_000_000, 1, precision=0.9, now_s=0.0)  # nothing queued at the decision
+    window.layer_started(now_s=0.003, routing_wait_s=0.001)  # 2 ms host work, 1 ms waiting for compute
+    assert (window.host_s, window.tail_s) == pytest.approx((0.002, 0.001))
+    assert window.admitted(1_000_000, 4, precision=0.9, now_s=0.003) == 3  # 3 ms free: three 1 ms objects
 
 
 def test_bytes_still_queued_on_the_link_leave_no_prefetch_room():

@@ -33,8 +33,9 @@ Design note. One object (an expert) moves through these states::
 - Prefetch is weighed against the demand it may delay: it is queued right after the layer's misses (so
   it moves while the host launches compute), and one layer may prefetch the objects that finish before
   the next layer's demand, plus one that overhangs it when its expected saving beats its expected
-  delay (``LinkWindow``: measured host time from a prefetch decision to the next demand, minus the
-  link time of every byte already queued, times ``link_fill``; the chance of being right is the
+  delay (``LinkWindow``: the predicted time to the next demand (measured host work, plus the wait for
+  routing that queued copies do not explain), minus the link time of every byte already queued,
+  times ``link_fill``; the chance of being right is the
   measured share of prefetched objects that the next demand of their layer used, less the measured
   share of objects evicted by prefetch that it wanted back); it evicts only objects predicted lower
   than what it loads, and loads only objects whose expected uses exceed ``min_score``.
@@ -140,7 +141,7 @@ class Prefetcher:
         """Yield ``keys`` (one slot group) in waves that are pinned and being copied; use each via ``ready``.
 
         ``routing_wait_s``: how long the host waited for this layer's routing (the GPU's work); the link
-        window leaves it out of the time it counts on for prefetch (see ``LinkWindow``).
+        window tells the part queued copies explain from the idle tail (see ``LinkWindow``).
 
         The first wave holds every key already present, then as many misses as the group has room for.
         A wave stays pinned until the caller asks for the next one (or the generator closes).

@@ -4,14 +4,15 @@ A decode layer runs: routing reaches the host (one sync), its misses are copied 
 critical path), the prefetch of the next layers is queued behind them, the host launches compute;
 then the next layer's routing arrives and its misses need the link. A prefetch byte still moving
 then delays that demand (copies share the link). The link time free for prefetch, between the end
-of the copies already queued and the next demand, is ``free = fill x max(0, lead - backlog)``, where
-``lead`` is the measured host time from a prefetch decision to the next layer's demand (exponential
-average: in a host-bound step that is most of the layer, and the link is idle in it), and
+of the copies already queued and the next demand, is ``free = fill x max(0, lead - backlog)``:
 ``backlog`` is the time the link still needs for every byte queued so far (a virtual clock advanced
-by ``bytes / bandwidth`` per submit). The host's wait for the next layer's routing is left out of
-``lead``: that wait is the GPU finishing queued copies and compute, which the backlog already
-counts, and an average lead that kept it would lend one layer's wait to the next (on a link-bound
-Mixtral layer after a layer of misses, a whole expert's copy time of idle link that is not there).
+by ``bytes / bandwidth`` per submit), and ``lead``, the time until the next demand, is predicted as
+``max(host, backlog) + tail``. ``host`` is the measured host work from a prefetch decision to the
+next demand, without the wait for the next routing; ``tail`` the part of that wait the backlog does
+not explain (compute, the routing's own copy: link time that is idle). Both are exponential
+averages. So in a host-bound step the window is the host's work plus the tail, and in a link-bound
+one (Mixtral's 352 MB experts) only the tail: an average lead that kept whole waits for queued
+copies would lend one layer's long wait to the next layer with nothing queued.
 
 Objects are admitted in score order by their expected effect on the next demand. Object ``i`` (of
 link time ``t``) would still be moving for ``spill_i = max(0, i t - free) - max(0, (i-1) t - free)``
@@ -22,7 +23,7 @@ its victim is wanted, the prefetch pays when ``p (t - spill_i) - (1 - p) spill_i
 ``spill_i < (p - q) t``: objects that fit in the free time pass when ``p > q``, and an object that
 overhangs the window passes when it is likely enough (no cliff at a whole object's size).
 
-Invariants: nothing is admitted until one lead has been measured (no blind prefetch); the free time
+Invariants: nothing is admitted until one host time has been measured (no blind prefetch); the free time
 never goes negative; bytes already queued (demand or prefetch, of this layer or earlier ones) count
 against it; admitted objects are a prefix of the candidates (spill never shrinks with ``i``).
 """
@@ -38,23 +39,27 @@ from tiermem.types import ObjectKey
 
 @dataclass
 class LinkWindow:
-    """Measured lead time to the next demand, the link's queued backlog, and the bytes that fit between."""
+    """Measured host time and GPU tail to the next demand, the link's queued backlog, and the bytes that fit."""
 
     bandwidth_gbps: float
     fill: float  # share of the free link time prefetch may fill (headroom for the measurement's noise)
-    smoothing: float = 0.2  # weight of the newest lead in the average
-    lead_s: float | None = None  # average host time from a prefetch decision to the next demand; None until measured
+    smoothing: float = 0.2  # weight of the newest measurement in the averages
+    host_s: float | None = None  # average host work from a prefetch decision to the next demand; None until measured
+    tail_s: float = 0.0  # average wait for the next routing that the backlog at the decision does not explain
     _busy_until_s: float = 0.0  # when the link will have moved every byte queued so far
     _decided_s: float | None = None  # host time of the last prefetch decision, until the next demand measures it
+    _decided_backlog_s: float = 0.0  # the link's backlog at that decision
 
     def layer_started(self, now_s: float | None = None, routing_wait_s: float = 0.0) -> None:
-        """A layer's routing is known and its demand comes now: close the last prefetch decision's lead, less
-        the ``routing_wait_s`` the host spent waiting for that routing (the GPU's work, counted by the backlog)."""
+        """A layer's routing is known and its demand comes now, after the host waited ``routing_wait_s`` for that
+        routing: measure the last prefetch decision's host work and unexplained tail."""
         now_s = time.perf_counter() if now_s is None else now_s
         if self._decided_s is not None:
-            lead_s = max(0.0, now_s - self._decided_s - routing_wait_s)
-            previous = lead_s if self.lead_s is None else self.lead_s
-            self.lead_s = (1 - self.smoothing) * previous + self.smoothing * lead_s
+            host_s = max(0.0, now_s - self._decided_s - routing_wait_s)
+            tail_s = max(0.0, routing_wait_s - max(0.0, self._decided_backlog_s - host_s))
+            previous = host_s if self.host_s is None else self.host_s
+            self.host_s = (1 - self.smoothing) * previous + self.smoothing * host_s
+            self.tail_s = (1 - self.smoothing) * self.tail_s + self.smoothing * tail_s
             self._decided_s = None
 
     def queued(self, nbytes: int, now_s: float | None = None) -> None:
@@ -68,10 +73,11 @@ class LinkWindow:
         a prefetched object is used with probability ``precision`` and the object it evicts is needed
         again with probability ``regret``; marks a prefetch decision."""
         now_s = time.perf_counter() if now_s is None else now_s
-        self._decided_s = now_s
-        if self.lead_s is None:
+        backlog_s = max(0.0, self._busy_until_s - now_s)
+        self._decided_s, self._decided_backlog_s = now_s, backlog_s
+        if self.host_s is None:
             return 0
-        free_s = self.fill * max(0.0, self.lead_s - max(0.0, self._busy_until_s - now_s))
+        free_s = self.fill * max(0.0, max(self.host_s, backlog_s) + self.tail_s - backlog_s)
         object_s = object_bytes / (self.bandwidth_gbps * 1e9)
         pays_s = (precision - regret) * object_s  # expected link time saved, before any spill
         count = 0
