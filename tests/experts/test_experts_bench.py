@@ -67,15 +67,16 @@ def test_the_bench_predictor_is_any_registered_one_fitted_on_the_other_half_of_t
     from tiermem.predict.synthetic import SyntheticConfig, synthetic_trace
 
     routes = synthetic_trace(SyntheticConfig(num_sequences=6, num_layers=3, num_experts=8, top_k=2, seed=0))
-    predictor = moe_workloads.CrossFitted(routes, 1, "frequency")
-    fitted_on = [set(model.trace_sequences) if hasattr(model, "trace_sequences") else None for model in predictor.models]
-    assert predictor.name == "frequency" and len(predictor.models) == 2 and fitted_on
-    current = np.full((2, 3, 2), -1, dtype=np.int16)
-    current[:, 0] = [[0, 1], [2, 3]]
-    predictor.seqs = np.array([0, 1])  # one row from each half: each row is scored by the other half's model
-    scores = predictor.predict(RouteContext(num_experts=8, layer=0, current=current), 1)
-    for row, parity in ((0, 0), (1, 1)):
-        alone = predictor.models[parity].predict(RouteContext(num_experts=8, layer=0, current=current[row:row + 1]), 1)
+    predictor = moe_workloads.CrossFitted(routes, 1, "cooccurrence")  # reads the previous step's routing too
+    assert predictor.name == "cooccurrence" and len(predictor.models) == 2
+    current = np.full((3, 3, 2), -1, dtype=np.int16)
+    current[:, 0] = [[0, 1], [2, 3], [4, 5]]
+    previous = np.random.default_rng(0).integers(0, 8, size=(3, 3, 2)).astype(np.int16)
+    predictor.seqs = np.array([0, 1, 2])  # rows from both halves: each row is scored by the other half's model alone
+    scores = predictor.predict(RouteContext(num_experts=8, layer=0, current=current, previous=previous), 1)
+    for row, parity in ((0, 0), (1, 1), (2, 0)):
+        alone = predictor.models[parity].predict(RouteContext(num_experts=8, layer=0, current=current[row:row + 1],
+                                                              previous=previous[row:row + 1]), 1)
         assert np.array_equal(scores[:, row], alone[:, 0])
     with pytest.raises(RegistryError):
         moe_workloads.CrossFitted(routes, 1, "no-such-predictor")

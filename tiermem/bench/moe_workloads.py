@@ -77,6 +77,7 @@ class CrossFitted:
         self.models = [entry.factory(config, routes.select_sequences(seqs[seqs % 2 != parity])) for parity in (0, 1)]
         self._parity = np.zeros((1, 0, 1), dtype=np.int64)
         self._single: Predictor | None = None  # the one model serving every row of the step, if one does
+        self._rows = [np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)]  # each model's rows of the step
 
     @property
     def seqs(self) -> np.ndarray:
@@ -88,12 +89,29 @@ class CrossFitted:
         parity = np.asarray(seqs, dtype=np.int64) % 2
         self._parity = parity[None, :, None]
         self._single = self.models[int(parity[0])] if parity.size and (parity == parity[0]).all() else None
+        self._rows = [np.flatnonzero(parity == p) for p in (0, 1)]
 
     def predict(self, context: RouteContext, distance: int) -> np.ndarray:
         if self._single is not None:  # one model serves every row (always at batch 1): predict once
             return self._single.predict(context, distance)
-        return np.where(self._parity == 0, self.models[0].predict(context, distance),
-                        self.models[1].predict(context, distance))
+        # each model scores only its own rows, as a deployment's one model scores each row once (scoring every
+        # row with both and picking would bill tiermem for two predictions per row); the hidden state comes
+        # to the host once for both halves
+        hidden = None if context.hidden is None else context.hidden.to("cpu")
+        out = np.empty((distance, context.batch_size, context.num_experts), dtype=np.float32)
+        for model, rows in zip(self.models, self._rows):
+            out[:, rows] = model.predict(_rows_of(context, rows, hidden), distance)
+        return out
+
+
+def _rows_of(context: RouteContext, rows: np.ndarray, hidden: torch.Tensor | None) -> RouteContext:
+    """``context`` restricted to batch ``rows`` (``hidden``: the context's hidden state, already on the host)."""
+    def pick(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else array[rows]
+
+    return replace(context, current=context.current[rows], previous=pick(context.previous),
+                   activation=pick(context.activation), token_ids=pick(context.token_ids),
+                   hidden=None if hidden is None else hidden[torch.from_numpy(rows)])
 
 
 def workloads(traces_dir: Path, names: list[str], quick: bool) -> list[Workload]:
