@@ -57,6 +57,18 @@ def test_cli_replays_a_trace_as_json(traces_dir, capsys):
     assert records[0]["hit_rate"] <= records[1]["hit_rate"] and records[0]["tokens_per_s"] > 0
 
 
+def test_cli_host_pager_profile_slows_the_replay_to_the_hosts_pace(traces_dir, capsys):
+    trace = traces_dir / "qwen1.5-moe-a2.7b_fiddler-usage.npz"
+    records = {}
+    for pager in ("ideal", "python-h100"):
+        assert run_cli(["--trace", str(trace), "--fraction", "0.5", "--policy", "lru", "--json",
+                        "--host-pager", pager]) == 0
+        records[pager] = json.loads(capsys.readouterr().out)
+    assert records["python-h100"]["hit_rate"] == records["ideal"]["hit_rate"]  # the host changes time, not caching
+    assert records["python-h100"]["tokens_per_s"] < records["ideal"]["tokens_per_s"]
+    assert records["python-h100"]["link_utilisation"] < records["ideal"]["link_utilisation"]
+
+
 def test_cli_prints_a_capacity_table(capsys):
     assert run_cli(["--model", "qwen1.5-moe-a2.7b", "--hbm-gib", "12", "--host-tier", "cxl", "--policy", "lru",
                     "--steps", "8"]) == 0

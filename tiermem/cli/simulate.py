@@ -29,7 +29,17 @@ from tiermem.residency.policies import EVICTION_POLICIES
 from tiermem.simulate.capacity import CapacityPlan, decode_cost, plan_capacity
 from tiermem.simulate.cost import CostModel
 from tiermem.simulate.engine import CacheLifetime, SimConfig, SimResult, simulate
-from tiermem.simulate.models import GPUS, HOST_LINKS, MODELS, gpu_profile, host_link, model_for_trace, model_shape
+from tiermem.simulate.models import (
+    GPUS,
+    HOST_LINKS,
+    HOST_PAGERS,
+    MODELS,
+    gpu_profile,
+    host_link,
+    host_pager,
+    model_for_trace,
+    model_shape,
+)
 from tiermem.simulate.result import combine
 from tiermem.simulate.trace import SimTrace, load_trace, select_sequences
 
@@ -74,6 +84,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU profile for compute time")
     parser.add_argument("--host-tier", choices=sorted(HOST_LINKS), default="dram",
                         help="where the experts live; picks the declared link profile")
+    parser.add_argument("--host-pager", choices=sorted(HOST_PAGERS), default="ideal",
+                        help="host time of the pager per layer: ideal (never behind the GPU) or python-h100 "
+                             "(tiermem's Python pager as measured at batch 1 on the lent H100's host)")
     parser.add_argument("--bandwidth-gbps", type=float, help="override the host link bandwidth (GB/s)")
     parser.add_argument("--latency-us", type=float, help="override the host link latency per copy (us)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result instead of tables")
@@ -96,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.trace:
         trace = load_trace(args.trace)
         model = model_shape(args.model) if args.model else model_for_trace(trace.num_experts, trace.top_k)
-        cost = decode_cost(model, gpu, link) if model is not None else None
+        cost = decode_cost(model, gpu, link, host_pager(args.host_pager)) if model is not None else None
         folds = cross_fitted(args.trace, trace, args.predictor) if args.predictor else [(trace, None)]
         results = replay(folds, replay_configs(args), cost)
         if args.json:
@@ -113,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_capacity(
             model, gpu=gpu, host_tier=args.host_tier, link=link, hbm_bytes=hbm_bytes,
             reserve_bytes=int(args.reserve_gib * GIB), batch_size=batch, policies=args.policy,
-            decode_steps=args.steps,
+            decode_steps=args.steps, host=host_pager(args.host_pager),
         )
         if args.json:
             for result in plan.results:

@@ -17,7 +17,7 @@ from tiermem.config import format_bytes
 from tiermem.errors import CapacityError, ConfigError
 from tiermem.residency.slots import slots_for_budget
 from tiermem.simulate.config import CacheLifetime, SimConfig
-from tiermem.simulate.cost import CostModel
+from tiermem.simulate.cost import CostModel, HostCost
 from tiermem.simulate.engine import simulate
 from tiermem.simulate.models import GpuProfile, ModelShape
 from tiermem.simulate.result import SimResult
@@ -28,13 +28,15 @@ TARGET_DEMANDS = 20_000  # (step, layer, expert) demands to simulate: enough for
 MIN_DECODE_STEPS, MAX_DECODE_STEPS = 8, 64
 
 
-def decode_cost(model: ModelShape, gpu: GpuProfile, link: LinkProfile) -> CostModel:
-    """Memory-bound decode cost per MoE layer: its share of the dense weights, plus each expert it uses."""
+def decode_cost(model: ModelShape, gpu: GpuProfile, link: LinkProfile, host: HostCost | None = None) -> CostModel:
+    """Memory-bound decode cost per MoE layer: its share of the dense weights, plus each expert it uses; ``host``
+    the pager's host time (``HOST_PAGERS``; default a host that keeps ahead of the GPU)."""
     return CostModel(
         link=link,
         expert_bytes=model.expert_bytes,
         compute_fixed_us=gpu.read_us(model.dense_bytes / model.num_moe_layers),
         compute_per_expert_us=gpu.read_us(model.expert_bytes),
+        host=host or HostCost(),
     )
 
 
@@ -89,7 +91,7 @@ def expert_budget(model: ModelShape, hbm_bytes: int, reserve_bytes: int) -> int:
 def plan_capacity(
     model: ModelShape, *, gpu: GpuProfile, host_tier: str, link: LinkProfile, hbm_bytes: int, reserve_bytes: int,
     batch_size: int, policies: Sequence[str], decode_steps: int | None = None, seed: int = 0,
-    trace: SimTrace | None = None,
+    trace: SimTrace | None = None, host: HostCost | None = None,
 ) -> CapacityPlan:
     """Size the expert pool for ``hbm_bytes`` and simulate each policy at ``batch_size``.
 
@@ -115,7 +117,7 @@ def plan_capacity(
             f"simulate: trace {trace.model!r} routes top-{trace.top_k} of {trace.num_experts} experts, but "
             f"{model.name} routes top-{model.top_k} of {model.num_experts}; use a trace of this model"
         )
-    cost = decode_cost(model, gpu, link)
+    cost = decode_cost(model, gpu, link, host)
     results = tuple(
         simulate(trace, SimConfig(
             policy=policy, resident_fraction=slots / model.num_experts, batch_size=batch_size,

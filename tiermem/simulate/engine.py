@@ -124,6 +124,7 @@ class _Replay:
         if timed:
             landings = [landing.get(k, 0.0) for k in outcome.present]
             self.late_hits += sum(at > self.timeline.now_s for at in landings)
+            self.timeline.begin_layer(len(outcome.fetched))
             landings += [self.timeline.demand_copy() for _ in outcome.fetched]
             ready_s = max(landings, default=0.0)
         if step.counted:
@@ -135,8 +136,7 @@ class _Replay:
             loads, evicted = self._prefetch(seg, index, group)
             seg.unused_prefetches = (seg.unused_prefetches - set(evicted)) | set(loads)
             if timed:
-                for key in loads:
-                    self.timeline.prefetch(key)
+                self.timeline.prefetch(loads)
             if step.counted:
                 self.prefetch_loads += len(loads)
         if timed:

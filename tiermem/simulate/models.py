@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tiermem.errors import ConfigError
+from tiermem.simulate.cost import HostCost
 from tiermem.types import LinkProfile
 
 BF16_BYTES = 2
@@ -98,6 +99,18 @@ HOST_LINKS: dict[str, LinkProfile] = {
 }
 
 
+# The host's side of paging, per traced layer (``HostCost``). ideal: a host that keeps ahead of the GPU
+# (the link and compute clocks alone). python-h100: tiermem's Python pager as measured on the lent H100's
+# host at batch 1 (bench/results/h100/host-diet/phases-fine.jsonl, Qwen3 shape on the Qwen trace, 50%
+# resident, at commit bc00840): LRU spends 351 us per layer off the GPU wait, 115 of them on its 1.88 misses;
+# tiermem's prediction and plan take 161 us per layer and each prefetched object ~45 us. The host's speed
+# varied up to 1.6x between calls; this was a fast call.
+HOST_PAGERS: dict[str, HostCost] = {
+    "ideal": HostCost(),
+    "python-h100": HostCost(layer_us=236.0, miss_us=61.0, prefetch_layer_us=161.0, prefetch_object_us=45.0),
+}
+
+
 def gpu_profile(name: str) -> GpuProfile:
     try:
         return GPUS[name.lower()]
@@ -110,3 +123,10 @@ def host_link(name: str) -> LinkProfile:
         return HOST_LINKS[name.lower()]
     except KeyError:
         raise ConfigError(f"simulate: unknown host tier {name!r}; known: {sorted(HOST_LINKS)}") from None
+
+
+def host_pager(name: str) -> HostCost:
+    try:
+        return HOST_PAGERS[name.lower()]
+    except KeyError:
+        raise ConfigError(f"simulate: unknown host pager profile {name!r}; known: {sorted(HOST_PAGERS)}") from None
