@@ -75,19 +75,19 @@ class CrossFitted:
         seqs = routes.sequence_ids
         self.name = name
         self.models = [entry.factory(config, routes.select_sequences(seqs[seqs % 2 != parity])) for parity in (0, 1)]
-        self._parity = np.zeros((1, 0, 1), dtype=np.int64)
+        self._seqs = np.zeros(0, dtype=np.int64)
         self._single: Predictor | None = None  # the one model serving every row of the step, if one does
         self._rows = [np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)]  # each model's rows of the step
 
     @property
     def seqs(self) -> np.ndarray:
-        return self._parity.reshape(-1)
+        return self._seqs
 
     @seqs.setter
     def seqs(self, seqs: np.ndarray) -> None:
-        """The sequence of each batch row of the coming step (decided here once, not per layer)."""
-        parity = np.asarray(seqs, dtype=np.int64) % 2
-        self._parity = parity[None, :, None]
+        """The sequence of each batch row of the coming step (each row's model decided here once, not per layer)."""
+        self._seqs = np.asarray(seqs, dtype=np.int64)
+        parity = self._seqs % 2
         self._single = self.models[int(parity[0])] if parity.size and (parity == parity[0]).all() else None
         self._rows = [np.flatnonzero(parity == p) for p in (0, 1)]
 
