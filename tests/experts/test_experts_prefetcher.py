@@ -43,7 +43,9 @@ def _setup(fused, *, slots: int, policy: str = "lru", bandwidth_gbps: float | No
     manager = TierManager.from_config({"tiers": [tier]})
     store = ExpertStore.from_source(manager, ModuleExperts(dict.fromkeys(LAYERS, fused)), tier="sim")
     predictions = PredictionScores()
-    cache = ExpertCache(layout=store.layout, layers=LAYERS, slots_per_group=slots, slot_layout=SlotLayout.PER_LAYER,
+    keys = [tuple(store.key(layer, e) for e in range(store.num_experts)) for layer in LAYERS]
+    cache = ExpertCache(layout=store.layout, layers=LAYERS, keys=keys, slots_per_group=slots,
+                        slot_layout=SlotLayout.PER_LAYER,
                         device=torch.device("cpu"), policy=policy,
                         signals=PolicySignals(counts=ActivationCounts(), predictions=predictions))
     prefetcher = Prefetcher(cache, store, manager, predictor=predictor, predictions=predictions,

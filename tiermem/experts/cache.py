@@ -9,31 +9,44 @@ This class moves no bytes and decides nothing on its own: the prefetcher plans (
 then calls ``begin_load`` / ``finish_load`` / ``evict`` here, in that order, as copies are issued and
 land. Invariants: an entry exists for every resident or in-flight key and only for them; only
 resident, unpinned keys are ever offered to the policy; slot rows never move.
+
+Each slot group also mirrors its objects' state in arrays (``tiermem.residency.groups.GroupState``:
+absent / in flight / resident, pins, last use), so a planner ranks a group with a few vector
+operations instead of a Python call per object; the directory stays the checked record, and the
+arrays change in the same calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from tiermem.errors import ConfigError
 from tiermem.experts.layout import ExpertLayout
 from tiermem.residency.directory import Directory, DirectorySnapshot
-from tiermem.residency.policies import CacheEntry, PolicySignals, eviction_order, make_policy
+from tiermem.residency.groups import ABSENT, IN_FLIGHT, RESIDENT, GroupState
+from tiermem.residency.policies import CacheEntry, PolicySignals, make_policy, priority_array
 from tiermem.residency.slots import SlotLayout, SlotPool
 from tiermem.types import ObjectKey
 
 
 class ExpertCache:
-    """HBM slots for the experts of ``layers``: ``slots_per_group`` slots per layer, or shared."""
+    """HBM slots for the experts of ``layers``: ``slots_per_group`` slots per layer, or shared.
+
+    ``keys[i]`` are the keys of ``layers[i]``'s experts in index order (the store's ``key``)."""
 
     def __init__(
-        self, *, layout: ExpertLayout, layers: Sequence[int], slots_per_group: int, slot_layout: SlotLayout,
-        device: torch.device, policy: str, signals: PolicySignals,
+        self, *, layout: ExpertLayout, layers: Sequence[int], keys: Sequence[Sequence[ObjectKey]],
+        slots_per_group: int, slot_layout: SlotLayout, device: torch.device, policy: str, signals: PolicySignals,
     ) -> None:
         self.layout = layout
         self.layers = tuple(layers)
+        if len(keys) != len(self.layers) or any(k.layer != layer or k.index != i for layer, layer_keys in
+                                                zip(self.layers, keys) for i, k in enumerate(layer_keys)):
+            raise ConfigError(f"expert cache: keys must list each of the {len(self.layers)} layers' experts in index "
+                              "order (keys[i][e].layer == layers[i], .index == e)")
         self.slot_layout = slot_layout
         num_groups = len(self.layers) if slot_layout is SlotLayout.PER_LAYER else 1
         self.pool = SlotPool(slot_bytes=layout.block_bytes, slots_per_group=slots_per_group, num_groups=num_groups)
@@ -49,6 +62,8 @@ class ExpertCache:
         self.entries: dict[ObjectKey, CacheEntry] = {}
         self._resident: list[set[ObjectKey]] = [set() for _ in range(num_groups)]
         self._in_flight: list[set[ObjectKey]] = [set() for _ in range(num_groups)]
+        self.groups = [GroupState.of([(layer, tuple(k)) for layer, k in zip(self.layers, keys)
+                                      if self._group[layer] == group]) for group in range(num_groups)]
 
     @property
     def num_groups(self) -> int:
@@ -89,7 +104,25 @@ class ExpertCache:
 
     def order(self, group: int) -> list[ObjectKey]:
         """The group's resident keys, first to evict first (pinned ones included; planners skip them)."""
-        return eviction_order((self.entries[k] for k in self._resident[group]), self.policy)
+        keys = self.groups[group].keys
+        return [keys[i] for i in self.order_places(group).tolist()]
+
+    def order_places(self, group: int) -> np.ndarray:
+        """``order(group)`` as places in the group (``GroupState``)."""
+        state = self.groups[group]
+        places = np.flatnonzero(state.state == RESIDENT)
+        return places[np.lexsort((places, state.last_use[places], self.priorities(group)[places]))]
+
+    def priorities(self, group: int) -> np.ndarray:
+        """The policy's priority of every place of the group that is resident (others are arbitrary): the
+        policy's own array where it has one (lru, predicted), else asked once per resident object."""
+        state = self.groups[group]
+        priority = priority_array(self.policy, state.keys, state.first, state.last_use)
+        if priority is None:
+            priority = np.zeros(len(state.keys), np.float64)
+            for key in self._resident[group]:
+                priority[state.place(key)] = self.policy.priority(self.entries[key])
+        return priority
 
     def slot_of(self, key: ObjectKey) -> int:
         """The slot of ``key`` (resident or in flight)."""
@@ -114,6 +147,9 @@ class ExpertCache:
             raise
         self.entries[key] = CacheEntry(key=key, slot=slot, loaded_tick=tick, last_use_tick=tick)
         self._in_flight[group].add(key)
+        state, place = self._place(key)
+        state.state[place] = IN_FLIGHT
+        state.last_use[place] = max(state.last_use[place], tick)
         return self._rows[slot]
 
     def finish_load(self, key: ObjectKey) -> None:
@@ -122,24 +158,34 @@ class ExpertCache:
         self.directory.finish_load(key)
         self._in_flight[group].remove(key)
         self._resident[group].add(key)
+        state, place = self._place(key)
+        state.state[place] = RESIDENT
 
     def abort_load(self, key: ObjectKey) -> None:
         """A copy failed: forget ``key`` and free its slot."""
         self.pool.release(self.directory.abort_load(key))
         self._in_flight[self.group_of(key)].discard(key)
         del self.entries[key]
+        state, place = self._place(key)
+        state.state[place], state.pins[place] = ABSENT, 0
 
     def evict(self, key: ObjectKey) -> None:
         """Forget the resident, unpinned ``key``; its slot becomes free."""
         self.pool.release(self.directory.evict(key))
         self._resident[self.group_of(key)].remove(key)
         del self.entries[key]
+        state, place = self._place(key)
+        state.state[place], state.pins[place] = ABSENT, 0
 
     def pin(self, key: ObjectKey) -> None:
         self.directory.pin(key)
+        state, place = self._place(key)
+        state.pins[place] += 1
 
     def unpin(self, key: ObjectKey) -> None:
         self.directory.unpin(key)
+        state, place = self._place(key)
+        state.pins[place] -= 1
 
     def release(self) -> None:
         """Give the slots' HBM back (the runtime closes); the cache holds nothing afterwards."""
@@ -149,3 +195,9 @@ class ExpertCache:
     def touch(self, key: ObjectKey, tick: int) -> None:
         """Record a use of ``key`` at ``tick`` (for recency-based policies)."""
         self.entries[key].touch(tick)
+        state, place = self._place(key)
+        state.last_use[place] = max(state.last_use[place], tick)
+
+    def _place(self, key: ObjectKey) -> tuple[GroupState, int]:
+        state = self.groups[self.group_of(key)]
+        return state, state.place(key)

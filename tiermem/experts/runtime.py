@@ -107,15 +107,16 @@ class ExpertRuntime:
         self.top_k = top_k
         self.counts = ActivationCounts(config.lfu_half_life_steps * num_layers if config.lfu_half_life_steps else None)
         predictions = PredictionScores()
+        self._keys = {layer: tuple(store.key(layer, e) for e in range(store.num_experts)) for layer in store.layers}
         self.cache = ExpertCache(
-            layout=store.layout, layers=store.layers, slots_per_group=_slots_per_group(store, config, top_k),
+            layout=store.layout, layers=store.layers, keys=[self._keys[layer] for layer in store.layers],
+            slots_per_group=_slots_per_group(store, config, top_k),
             slot_layout=config.slot_layout, device=device, policy=policy,
             signals=PolicySignals(counts=self.counts, predictions=predictions),
         )
         self.phases = HostPhases(enabled=config.time_host_phases)
         self.prefetcher = Prefetcher(self.cache, store, store.manager, config=config.prefetch, predictor=predictor,
                                      predictions=predictions, phases=self.phases)
-        self._keys = {layer: tuple(store.key(layer, e) for e in range(store.num_experts)) for layer in store.layers}
         self.compute = config.compute or ExpertCompute.LOOP
         self._slot_weights: list[SlotWeights] = []
         if self.compute is ExpertCompute.GROUPED:

@@ -19,7 +19,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
+import numba
+import numpy as np
+
 from tiermem.errors import CapacityError, ConfigError
+from tiermem.residency.groups import ABSENT
 from tiermem.types import ObjectKey
 
 
@@ -94,22 +98,33 @@ def plan_prefetch(
     victims = [key for key in resident if key not in protected]
 
     victim_score = resident_score or (lambda key: scores.get(key, float("-inf")))
-    loads: list[ObjectKey] = []
-    evictions: list[ObjectKey] = []
-    free, next_victim = free_slots, 0
-    for key in candidates[: budget.max_objects]:
+    candidates = candidates[: budget.max_objects]
+    count, chosen = pair_victims([scores[key] for key in candidates], len(victims),
+                                 lambda i: victim_score(victims[i]), free_slots)
+    return PrefetchPlan(tuple(candidates[:count]), tuple(victims[i] for i in chosen),
+                        count * budget.object_bytes, skipped)
+
+
+def pair_victims(candidate_scores: Sequence[float], num_victims: int, victim_score: Callable[[int], float],
+                 free_slots: int) -> tuple[int, list[int]]:
+    """The rule of ``plan_prefetch`` on bare scores: candidates best first, evictable objects first to evict
+    first (``victim_score(i)`` of the ``i``-th, asked lazily). Each candidate takes a free slot, or evicts
+    the next victim scored below it (a victim scored at least as high is skipped for good: later
+    candidates score lower); returns how many candidates load and the victims' indices, in order."""
+    chosen: list[int] = []
+    free, next_victim, count = free_slots, 0, 0
+    for floor in candidate_scores:
         if free > 0:
             free -= 1
         else:
-            floor = scores[key]
-            while next_victim < len(victims) and victim_score(victims[next_victim]) >= floor:
-                next_victim += 1  # scored at least as high: later candidates score lower, so skip for good
-            if next_victim == len(victims):
+            while next_victim < num_victims and victim_score(next_victim) >= floor:
+                next_victim += 1
+            if next_victim == num_victims:
                 break
-            evictions.append(victims[next_victim])
+            chosen.append(next_victim)
             next_victim += 1
-        loads.append(key)
-    return PrefetchPlan(tuple(loads), tuple(evictions), len(loads) * budget.object_bytes, skipped)
+        count += 1
+    return count, chosen
 
 
 def plan_demand(
@@ -137,3 +152,48 @@ def plan_demand(
             f"resident ones are pinned or needed); enlarge the slot group or split the step"
         )
     return DemandPlan(tuple(loads), tuple(victims[: max(shortfall, 0)]))
+
+
+@numba.njit(cache=True, nogil=True)
+def plan_group_prefetch(scores: np.ndarray, state: np.ndarray, victims: np.ndarray, base: int, min_score: float,
+                        max_objects: int, free_slots: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """``plan_prefetch`` on one slot group's arrays (``tiermem.residency.groups``), in one compiled call.
+
+    The target layer's object ``i`` sits at place ``base + i`` with score ``scores[i]``; ``state`` is the
+    group's; ``victims`` are its evictable places, first to evict first (``evictable_places``). Returns the
+    places to load, best first, and the places to evict, in order: the same plan as ``plan_prefetch``
+    given the same state (a property test holds them equal)."""
+    count = scores.shape[0]
+    chosen = np.empty(max(max_objects, 0), np.int64)
+    taken = np.zeros(count, np.bool_)
+    wanted = 0
+    for _ in range(max_objects):  # best absent candidates, ties by index
+        best = -1
+        for i in range(count):
+            if not taken[i] and state[base + i] == ABSENT and scores[i] > min_score and (
+                    best < 0 or scores[i] > scores[best]):
+                best = i
+        if best < 0:
+            break
+        taken[best] = True
+        chosen[wanted] = best
+        wanted += 1
+    evictions = np.empty(wanted, np.int64)
+    evicted, loads, free, next_victim = 0, 0, free_slots, 0
+    for k in range(wanted):
+        if free > 0:
+            free -= 1
+        else:
+            floor = scores[chosen[k]]
+            while next_victim < victims.shape[0]:
+                place = victims[next_victim] - base
+                if not (0 <= place < count and scores[place] >= floor):  # another layer's victim scores -inf
+                    break
+                next_victim += 1
+            if next_victim == victims.shape[0]:
+                break
+            evictions[evicted] = victims[next_victim]
+            evicted += 1
+            next_victim += 1
+        loads += 1
+    return chosen[:loads] + base, evictions[:evicted]

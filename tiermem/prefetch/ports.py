@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from tiermem.residency.groups import GroupState
 from tiermem.types import ObjectKey
 
 
@@ -19,10 +21,12 @@ class SlotCache(Protocol):
     """What the prefetcher needs from a slot cache (``tiermem.experts.cache.ExpertCache`` is one)."""
 
     device: torch.device
+    groups: list[GroupState]  # one per slot group, mirrored by the transitions below
 
     def group_of(self, key: ObjectKey) -> int: ...
     def contains(self, key: ObjectKey) -> bool: ...
     def order(self, group: int) -> list[ObjectKey]: ...
+    def priorities(self, group: int) -> np.ndarray: ...
     def in_flight(self, group: int) -> frozenset[ObjectKey]: ...
     def free_slots(self, group: int) -> int: ...
     def pinned(self) -> frozenset[ObjectKey]: ...

@@ -12,15 +12,19 @@ Design note. One object (an expert) moves through these states::
     |----------|----------------------|--------------------------------------------|----------------|
     | absent   | not recorded         | start; ``evict``; ``abort_load``           | -              |
     | loading  | in flight (pinned)   | ``_issue``: slot taken, copy submitted     | no             |
-    | resident | resident             | ``_reap`` sees the copy's handle done      | yes            |
+    | resident | resident             | its copy's handle is done (``_reap``), or  | yes            |
+    |          |                      | the compute stream waits on it (``ready``) |                |
     | pinned   | resident/in flight,  | ``demand`` pins what the running layer     | no             |
     |          | pin count > 0        | needs; the wave's end unpins               |                |
     | evicted  | not recorded         | a plan evicts it to free its slot          | -              |
 
 - The copies of one plan (a layer's misses, or one prefetch) are one submit; each object keeps its
   own completion (``handle.part(i)``, one CUDA event after its copy), kept in ``_loads`` until it is
-  seen done; a key in ``_loads`` is never copied again (no duplicate in-flight copies: planners
-  skip in-flight keys, and ``SlotCache.begin_load`` raises on a second load).
+  seen done or the compute stream waits on it; a key in ``_loads`` is never copied again (no
+  duplicate in-flight copies: planners skip in-flight keys, and ``SlotCache.begin_load`` raises on a
+  second load). Landing at the compute stream's wait is stream order, not host knowledge: every later
+  use runs on that stream, and the slot's next copy waits on the wave's last-use event, both behind
+  the copy; so a layer's second wave may evict its first without the host waiting for any copy.
 - The compute stream waits only on the objects it is about to use (``ready``: ``wait_on`` the one
   handle), never on the whole copy stream. Copies are submitted from a side stream of the
   prefetcher (the engine makes its copy streams wait on the stream passed as ``after``), so a copy waits for
@@ -51,7 +55,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,10 +66,11 @@ from tiermem.errors import ConfigError
 from tiermem.manager import TierManager
 from tiermem.predict.base import Predictor, RouteContext
 from tiermem.prefetch.copies import SlotCopies
-from tiermem.prefetch.planner import PrefetchBudget, plan_demand, plan_prefetch
+from tiermem.prefetch.planner import plan_demand, plan_group_prefetch
 from tiermem.prefetch.ports import Homes, SlotCache
 from tiermem.prefetch.stats import HostPhases, PrefetchStats
 from tiermem.prefetch.window import LinkWindow, NextDemandShare
+from tiermem.residency.groups import NO_PLACES, evictable_places
 from tiermem.residency.signals import PredictionScores
 from tiermem.transfer import TransferHandle
 from tiermem.types import ObjectKey
@@ -128,8 +133,6 @@ class Prefetcher:
         self._slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after which it may be overwritten
         self._layer_demands: list[TransferHandle] = []
         self._compute_stream: torch.cuda.Stream | None = None  # the current stream at the latest demand
-        # MoE layer position -> its objects' keys, and each key's index among them
-        self._position_keys: dict[int, tuple[tuple[ObjectKey, ...], dict[ObjectKey, int]]] = {}
         self._copies = SlotCopies(cache, homes, manager)
         first = homes.key_at(0, 0)
         self._object_bytes = int(homes.home(first).numel())
@@ -207,8 +210,9 @@ class Prefetcher:
             stream = self._compute_stream or torch.cuda.current_stream(self.cache.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            for _, handle in waiting:
+            for key, handle in waiting:
                 handle.wait_on(stream)
+                self._land(key)  # stream-ordered: every later use, and its slot's next copy, queues behind this wait
             end.record(stream)
             self._stall_events.append((start, end))
         elif waiting:
@@ -240,60 +244,46 @@ class Prefetcher:
             )
         issued = 0
         for d in range(1, distance + 1):
-            keys, index_of = self._keys_at((context.layer + d) % num_layers, context.num_experts)
+            first = self.homes.key_at((context.layer + d) % num_layers, 0)
             per_object = scores[d - 1].sum(axis=0)
             if self.predictions is not None:
-                self.predictions.update(zip(keys, per_object.tolist()))
+                per_object = self.predictions.publish(first, per_object)
             if self.config.objects_per_layer > 0:
-                issued += self._apply_prefetch(keys, index_of, per_object, tick, needed_now)
+                issued += self._apply_prefetch(first, per_object, tick, needed_now)
         return issued
 
-    def _apply_prefetch(self, keys: tuple[ObjectKey, ...], index_of: Mapping[ObjectKey, int], per_object: np.ndarray,
-                        tick: int, needed_now: frozenset[ObjectKey]) -> int:
-        """Plan and issue one target layer's prefetch; ``keys[i]`` (``index_of`` maps back) has ``per_object[i]``."""
-        group = self.cache.group_of(keys[0])
+    def _apply_prefetch(self, first: ObjectKey, per_object: np.ndarray, tick: int,
+                        needed_now: frozenset[ObjectKey]) -> int:
+        """Plan and issue the prefetch of ``first``'s layer, whose object ``i`` has ``per_object[i]``: the
+        rule of ``plan_prefetch``, ranked on the slot group's arrays (``GroupState``)."""
+        group = self.cache.group_of(first)
         objects = self.config.objects_per_layer
         if self.window is not None:
-            admitted = self.window.admitted(self._object_bytes, objects, self.precision.value, self.regret.value)
-            self.stats.prefetch_capped += admitted < objects
-            objects = admitted
-        budget = PrefetchBudget(max_bytes=objects * self._object_bytes, object_bytes=self._object_bytes,
-                                min_score=self.config.min_score)
-        if budget.max_objects == 0:
+            objects = self.window.admitted(self._object_bytes, objects, self.precision.value, self.regret.value)
+            self.stats.prefetch_capped += objects < self.config.objects_per_layer
+        if objects == 0:
             self.phases.lap("prefetch_plan")
             return 0
-        # the planner sees the best absent candidates and the group's resident keys (its possible victims),
-        # not the whole layer: walking the layer by descending score stops at the budget's last candidate
-        values = per_object.tolist()
-        scores: dict[ObjectKey, float] = {}
-        for i in np.argsort(-per_object, kind="stable").tolist():
-            if values[i] <= budget.min_score:
-                break
-            if not self.cache.contains(keys[i]):  # absent: neither resident nor in flight
-                scores[keys[i]] = values[i]
-                if len(scores) == budget.max_objects:
-                    break
-        if not scores:  # everything worth loading is here or coming: no eviction order needed
-            self.phases.lap("prefetch_plan")
-            return 0
-        free = self.cache.free_slots(group)
-        order = self.cache.order(group) if free < len(scores) else []  # victims only when the free slots fall short
-        plan = plan_prefetch(scores, order, self.cache.in_flight(group), self.cache.pinned(), free, budget, needed_now,
-                             resident_score=lambda key: values[index_of[key]] if key in index_of else float("-inf"))
-        if not plan.loads:
+        state = self.cache.groups[group]
+        base, free = state.first[first.layer], self.cache.free_slots(group)
+        victims = self._evictable(group, needed_now) if free < objects else NO_PLACES  # only when slots fall short
+        loads, evictions = plan_group_prefetch(per_object, state.state, victims, base, self.config.min_score,
+                                               objects, free)
+        if loads.size == 0:  # all worth loading is here or coming, or nothing scores above a victim
             self.phases.lap("prefetch_plan")
             return 0
         if self._cuda:
             for handle in self._layer_demands:  # demand first: prefetches start once this layer's misses landed
                 handle.wait_on(self._prefetch_gate)
             self._layer_demands.clear()
-        for key in plan.evictions:
+        for place in evictions.tolist():
+            key = state.keys[place]
             self._evict(key)
             self.regret.expect(key)
         self.phases.lap("prefetch_plan")
-        self._issue(plan.loads, tick, prefetch=True)
+        self._issue([state.keys[place] for place in loads.tolist()], tick, prefetch=True)
         self.phases.lap("prefetch_submit")
-        return len(plan.loads)
+        return loads.size
 
     # ---- accounting ------------------------------------------------------------------------
     def collect_stats(self) -> PrefetchStats:
@@ -314,34 +304,32 @@ class Prefetcher:
         for key, handle in list(self._loads.items()):
             handle.wait()
             self._land(key)
+        if self._cuda:  # copies landed at ``ready_all`` are ordered before the compute stream's later work only
+            torch.cuda.synchronize(self.cache.device)
 
     # ---- internals -------------------------------------------------------------------------
-    def _keys_at(self, position: int, count: int) -> tuple[tuple[ObjectKey, ...], dict[ObjectKey, int]]:
-        """The keys of the ``count`` objects of MoE layer ``position`` and each one's index, built once."""
-        found = self._position_keys.get(position)
-        if found is None:
-            keys = tuple(self.homes.key_at(position, i) for i in range(count))
-            found = self._position_keys[position] = (keys, {key: i for i, key in enumerate(keys)})
-        return found
-
     def _fetch_some(self, wave: list[ObjectKey], pending: list[ObjectKey], tick: int) -> list[ObjectKey]:
         """Fetch as many ``pending`` keys as the group has room for (evicting by policy); returns the rest."""
         group = self.cache.group_of(pending[0])
-        pinned, order = self.cache.pinned(), self.cache.order(group)
-        room = self.cache.free_slots(group) + sum(1 for k in order if k not in pinned)
-        if room == 0 and not wave:
+        victims = self._evictable(group)
+        if victims.size == 0 and not wave and self.cache.free_slots(group) == 0:
             self._wait_group(group)  # only prefetches in flight hold the group's slots: let them land
-            pinned, order = self.cache.pinned(), self.cache.order(group)
-            room = self.cache.free_slots(group) + sum(1 for k in order if k not in pinned)
-            if room == 0:
+            victims = self._evictable(group)
+            if victims.size == 0 and self.cache.free_slots(group) == 0:
                 raise ConfigError(
                     f"prefetch: slot group {group} has no slot that is free or evictable (all pinned); "
                     "give the cache at least one slot per object a layer needs at once"
                 )
+        free = self.cache.free_slots(group)
+        room = free + victims.size
         if room == 0:
             return pending
         chunk, rest = pending[:room], pending[room:]
-        plan = plan_demand(chunk, order, self.cache.in_flight(group), pinned, self.cache.free_slots(group))
+        # victims: resident, unpinned, not wanted by this layer (its present keys are pinned); the plan takes
+        # the first of them, so only those become keys
+        keys = self.cache.groups[group].keys
+        plan = plan_demand(chunk, [keys[p] for p in victims[:max(len(chunk) - free, 0)].tolist()], frozenset(),
+                           frozenset(), free)
         for key in plan.evictions:
             self._evict(key)
         self.phases.lap("demand_plan")
@@ -354,6 +342,14 @@ class Prefetcher:
             wave.append(key)
         self.stats.misses += len(plan.loads)
         return rest
+
+    def _evictable(self, group: int, needed: frozenset[ObjectKey] = frozenset()) -> np.ndarray:
+        """The group's resident, unpinned places not ``needed``, first to evict first."""
+        state = self.cache.groups[group]
+        first = state.first
+        places = [first[k.layer] + k.index for k in needed if k.layer in first]
+        return evictable_places(state.state, state.pins, state.last_use, self.cache.priorities(group),
+                                np.array(places, np.int64) if places else NO_PLACES)
 
     def _issue(self, keys: Sequence[ObjectKey], tick: int, *, prefetch: bool) -> None:
         """Take a slot for each key and copy all of them in one submit; each key keeps its own completion."""

@@ -21,9 +21,12 @@ Extension: write a class with ``priority(entry)``, a frozen config, and a factor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 
 from tiermem.config import from_dict
 from tiermem.errors import ConfigError
@@ -144,6 +147,30 @@ def make_policy(name: str, signals: PolicySignals, options: Mapping[str, Any] | 
     entry = EVICTION_POLICIES.get(name)
     config = from_dict(entry.config_cls, options or {}, where=f"eviction policy {name!r}")
     return entry.factory(config, signals)
+
+
+def priority_array(policy: EvictionPolicy, keys: Sequence[ObjectKey], first: Mapping[int, int],
+                   last_use: np.ndarray) -> np.ndarray | None:
+    """Every object's priority in one slot group as an array (``keys[i]`` at place ``i``; a layer's objects
+    from place ``first[layer]``), where the policy's priority already is one: ``lru`` (the last use) and
+    ``predicted`` (the published scores of each layer, 0 where none were). None for the others: their
+    caller asks ``priority`` per entry. Equal, object for object, to what ``priority`` returns."""
+    if type(policy) is LruPolicy:
+        return last_use
+    if type(policy) is PredictedPolicy:
+        if len(first) == 1:  # one layer (a per-layer group): its published array as it is
+            published = policy.predictions.layer(keys[0])
+            if published is not None and published.size == len(keys):
+                return published
+        priority = np.zeros(len(keys), np.float64)
+        starts = sorted(first.values()) + [len(keys)]
+        for start, end in itertools.pairwise(starts):
+            published = policy.predictions.layer(keys[start])
+            if published is not None:
+                count = min(end - start, published.size)
+                priority[start:start + count] = published[:count]
+        return priority
+    return None
 
 
 def eviction_order(entries: Iterable[CacheEntry], policy: EvictionPolicy) -> list[ObjectKey]:

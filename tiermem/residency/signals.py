@@ -15,6 +15,8 @@ import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from tiermem.errors import ConfigError
 from tiermem.types import ObjectKey
 
@@ -66,25 +68,59 @@ class ActivationCounts:
 
 
 class PredictionScores:
-    """The latest predicted score of each object (higher = more likely needed soon), set by the prefetcher."""
+    """The latest predicted score of each object (higher = more likely needed soon), set by the prefetcher.
+
+    Two ways in, one truth: ``update`` sets single keys; ``publish`` sets a whole table layer at once as
+    one array (``scores[i]`` is the object of index ``i``), kept by reference, so publishing a layer's
+    prediction costs the same for 8 experts as for 256. The later write of a key wins."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._scores: dict[ObjectKey, float] = {}
+        self._layers: dict[tuple[str, str, int], np.ndarray] = {}
 
     def update(self, scores: Mapping[ObjectKey, float] | Iterable[tuple[ObjectKey, float]]) -> None:
         """Overwrite the scores of the given keys (a mapping or ``(key, score)`` pairs); other keys keep theirs."""
         with self._lock:
-            self._scores.update(scores)
+            for key, score in dict(scores).items():
+                layer = self._layers.get((key.kind, key.table, key.layer))
+                if layer is not None and 0 <= key.index < layer.size:
+                    layer[key.index] = score
+                else:
+                    self._scores[key] = score
+
+    def publish(self, first: ObjectKey, scores: np.ndarray) -> np.ndarray:
+        """Set the scores of every object of ``first``'s table layer: ``scores[i]`` for index ``i``; returns them
+        as the float64 copy kept here (read-only to the caller)."""
+        values = np.array(scores, dtype=np.float64).reshape(-1)
+        with self._lock:
+            self._layers[(first.kind, first.table, first.layer)] = values
+            for key in [k for k in self._scores if (k.kind, k.table, k.layer) == (first.kind, first.table, first.layer)
+                        and 0 <= k.index < values.size]:
+                del self._scores[key]
+        return values
+
+    def layer(self, first: ObjectKey) -> np.ndarray | None:
+        """The published scores of ``first``'s table layer (read-only view), or None if none was published."""
+        values = self._layers.get((first.kind, first.table, first.layer))
+        if values is None:
+            return None
+        view = values.view()
+        view.flags.writeable = False
+        return view
 
     def score(self, key: ObjectKey) -> float:
         """The latest score of ``key``; 0.0 when it was never predicted. Lock-free: one dict lookup is atomic,
         and eviction orders read this once per resident object per layer."""
+        layer = self._layers.get((key.kind, key.table, key.layer))
+        if layer is not None and 0 <= key.index < layer.size:
+            return float(layer[key.index])
         return self._scores.get(key, 0.0)
 
     def reset(self) -> None:
         with self._lock:
             self._scores.clear()
+            self._layers.clear()
 
 
 class FutureUses:
