@@ -82,6 +82,33 @@ def test_the_bench_predictor_is_any_registered_one_fitted_on_the_other_half_of_t
         moe_workloads.CrossFitted(routes, 1, "no-such-predictor")
 
 
+def test_the_cross_fitted_predictor_hands_each_half_its_own_rows_of_the_hidden_state_where_it_lives():
+    import numpy as np
+    import torch
+
+    from tiermem.predict.base import RouteContext
+    from tiermem.predict.synthetic import SyntheticConfig, synthetic_trace
+
+    class Seen:
+        def __init__(self) -> None:
+            self.hidden: list[torch.Tensor] = []
+
+        def predict(self, context, distance):
+            self.hidden.append(context.hidden)
+            return np.zeros((distance, context.batch_size, context.num_experts), dtype=np.float32)
+
+    routes = synthetic_trace(SyntheticConfig(num_sequences=6, num_layers=3, num_experts=8, top_k=2, seed=0))
+    predictor = moe_workloads.CrossFitted(routes, 1, "cooccurrence")
+    predictor.models = [Seen(), Seen()]
+    predictor.seqs = np.array([3, 0, 5, 2])  # parities 1, 0, 1, 0
+    hidden = torch.arange(4 * 3, dtype=torch.float32).reshape(4, 3)
+    current = np.zeros((4, 3, 2), dtype=np.int16)
+    predictor.predict(RouteContext(num_experts=8, layer=0, current=current, hidden=hidden), 1)
+    assert torch.equal(predictor.models[0].hidden[0], hidden[[1, 3]])
+    assert torch.equal(predictor.models[1].hidden[0], hidden[[0, 2]])
+    assert predictor.models[0].hidden[0].device == hidden.device
+
+
 def test_a_trace_with_router_inputs_hands_each_layers_recorded_input_to_the_predictor(tmp_path):
     import dataclasses
 

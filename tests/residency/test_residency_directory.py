@@ -79,6 +79,23 @@ def test_unpin_without_pin_raises():
         directory.unpin(A)
 
 
+def test_pinning_and_unpinning_many_is_all_or_nothing():
+    directory = Directory(SLOTS)
+    directory.begin_load(KEYS[0], 0)
+    directory.begin_load(KEYS[1], 1)
+    directory.pin_many([KEYS[0], KEYS[1], KEYS[0]])
+    assert (directory.pin_count(KEYS[0]), directory.pin_count(KEYS[1])) == (2, 1)
+    with pytest.raises(OwnershipError, match="neither resident nor in flight"):
+        directory.pin_many([KEYS[1], KEYS[2]])  # KEYS[2] is absent: KEYS[1] is not pinned either
+    assert directory.pin_count(KEYS[1]) == 1
+    with pytest.raises(OwnershipError, match="holds 1 pin"):
+        directory.unpin_many([KEYS[0], KEYS[1], KEYS[1]])
+    assert (directory.pin_count(KEYS[0]), directory.pin_count(KEYS[1])) == (2, 1)
+    directory.unpin_many([KEYS[0], KEYS[1], KEYS[0]])
+    assert not directory.snapshot().pinned - {KEYS[0], KEYS[1]}  # in flight still counts as pinned
+    assert (directory.pin_count(KEYS[0]), directory.pin_count(KEYS[1])) == (0, 0)
+
+
 def test_abort_frees_the_slot_unless_a_waiter_pinned_it():
     directory = Directory(SLOTS)
     directory.begin_load(A, 3)

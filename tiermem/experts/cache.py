@@ -177,26 +177,31 @@ class ExpertCache:
         state, place = self._place(key)
         state.state[place], state.pins[place] = ABSENT, 0
 
-    def pin(self, key: ObjectKey) -> None:
-        self.directory.pin(key)
-        state, place = self._place(key)
-        state.pins[place] += 1
+    def pin(self, keys: Sequence[ObjectKey]) -> None:
+        """Pin each of ``keys`` (resident or in flight) against eviction; pins nest."""
+        self.directory.pin_many(keys)
+        for key in keys:
+            state, place = self._place(key)
+            state.pins[place] += 1
 
-    def unpin(self, key: ObjectKey) -> None:
-        self.directory.unpin(key)
-        state, place = self._place(key)
-        state.pins[place] -= 1
+    def unpin(self, keys: Sequence[ObjectKey]) -> None:
+        """Release one pin of each of ``keys``."""
+        self.directory.unpin_many(keys)
+        for key in keys:
+            state, place = self._place(key)
+            state.pins[place] -= 1
 
     def release(self) -> None:
         """Give the slots' HBM back (the runtime closes); the cache holds nothing afterwards."""
         self.memory = torch.empty(0, dtype=torch.uint8, device=self.device)
         self._rows = ()
 
-    def touch(self, key: ObjectKey, tick: int) -> None:
-        """Record a use of ``key`` at ``tick`` (for recency-based policies)."""
-        self.entries[key].touch(tick)
-        state, place = self._place(key)
-        state.last_use[place] = max(state.last_use[place], tick)
+    def touch(self, keys: Sequence[ObjectKey], tick: int) -> None:
+        """Record a use of each of ``keys`` (resident or in flight) at ``tick`` (for recency-based policies)."""
+        for key in keys:
+            self.entries[key].touch(tick)
+            state, place = self._place(key)
+            state.last_use[place] = max(state.last_use[place], tick)
 
     def _place(self, key: ObjectKey) -> tuple[GroupState, int]:
         state = self.groups[self.group_of(key)]

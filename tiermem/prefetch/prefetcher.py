@@ -167,11 +167,9 @@ class Prefetcher:
         if keys:
             self.precision.resolve(keys[0].layer, keys)
             self.regret.resolve(keys[0].layer, keys)
-        wave: list[ObjectKey] = []
-        for key in present:
-            self.cache.pin(key)
-            self.cache.touch(key, tick)
-            wave.append(key)
+        self.cache.pin(present)
+        self.cache.touch(present, tick)
+        wave = present
         self.phases.lap("demand_plan")
         first = True
         while pending or first:
@@ -187,8 +185,7 @@ class Prefetcher:
                     used = torch.cuda.Event()
                     used.record(self._compute_stream)
                     self._last_use.update(dict.fromkeys(wave, used))
-                for key in wave:
-                    self.cache.unpin(key)
+                self.cache.unpin(wave)
                 wave.clear()
 
     def ready(self, key: ObjectKey) -> torch.Tensor:
@@ -336,10 +333,9 @@ class Prefetcher:
         if plan.loads:
             self._issue(plan.loads, tick, prefetch=False)
         self.phases.lap("demand_submit")
-        for key in plan.loads:
-            self.cache.pin(key)
-            self.cache.touch(key, tick)
-            wave.append(key)
+        self.cache.pin(plan.loads)
+        self.cache.touch(plan.loads, tick)
+        wave.extend(plan.loads)
         self.stats.misses += len(plan.loads)
         return rest
 

@@ -20,7 +20,8 @@ Invariants, checked under one lock:
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -178,6 +179,36 @@ class Directory:
                 )
             self._pins[key] = self._pins.get(key, 0) + 1
             return slot
+
+    def pin_many(self, keys: Sequence[ObjectKey]) -> None:
+        """``pin`` each of ``keys`` (a key listed twice is pinned twice), under one lock; all or none."""
+        with self._lock:
+            for key in keys:
+                if self._slot(key) is None:
+                    raise OwnershipError(
+                        f"residency directory: cannot pin {key}: it is neither resident nor in flight; "
+                        f"load it (or begin its load) before pinning"
+                    )
+            pins = self._pins
+            for key in keys:
+                pins[key] = pins.get(key, 0) + 1
+
+    def unpin_many(self, keys: Sequence[ObjectKey]) -> None:
+        """``unpin`` each of ``keys``, under one lock; all or none."""
+        with self._lock:
+            wanted = Counter(keys)
+            for key, count in wanted.items():
+                if self._pins.get(key, 0) < count:
+                    raise OwnershipError(
+                        f"residency directory: cannot unpin {key} {count} time(s): it holds "
+                        f"{self._pins.get(key, 0)} pin(s) ({self._describe(key)}); every unpin must match a pin"
+                    )
+            for key, count in wanted.items():
+                left = self._pins[key] - count
+                if left:
+                    self._pins[key] = left
+                else:
+                    del self._pins[key]
 
     def unpin(self, key: ObjectKey) -> None:
         """Release one pin of ``key``."""
