@@ -186,6 +186,22 @@ def test_a_wait_for_compute_with_the_link_idle_counts_as_prefetch_time():
     assert window.admitted(1_000_000, 4, precision=0.9, now_s=0.003) == 3  # 3 ms free: three 1 ms objects
 
 
+def test_prefetch_host_time_is_free_only_within_the_hosts_wait_and_never_widens_the_window():
+    window = LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0)  # a 100 kB object: 0.1 ms of link
+    window.admitted(100_000, 4, precision=0.45, now_s=0.0)
+    window.layer_started(now_s=0.001)  # 1 ms of host work to the next demand, no wait for routing
+    assert window.admitted(100_000, 4, precision=0.45, now_s=0.001) == 4  # host cost per object not measured yet
+    window.prefetched(4, now_s=0.0012)  # planning and submitting them took 0.2 ms: 0.05 ms per object
+    window.layer_started(now_s=0.0022)
+    assert window.host_s == pytest.approx(0.001)  # the prefetch's own 0.2 ms is not lent to the next window
+    # each object would delay a host-bound layer by 0.05 ms, more than its expected saving (0.45 x 0.1 ms)
+    assert window.admitted(100_000, 4, precision=0.45, now_s=0.0022) == 0
+    window.prefetched(0, now_s=0.0022)
+    window.layer_started(now_s=0.00332, routing_wait_s=0.00012)  # now the host waits 0.12 ms for routing
+    # the first two objects' host time hides in that wait, the third costs 0.03 ms (< 0.045), the fourth 0.05
+    assert window.admitted(100_000, 4, precision=0.45, now_s=0.00332) == 3
+
+
 def test_bytes_still_queued_on_the_link_leave_no_prefetch_room():
     window = LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0)
     window.admitted(1_000_000, 1, precision=0.9, now_s=0.0)

@@ -259,16 +259,14 @@ class Prefetcher:
             objects = self.window.admitted(self._object_bytes, objects, self.precision.value, self.regret.value)
             self.stats.prefetch_capped += objects < self.config.objects_per_layer
         if objects == 0:
-            self.phases.lap("prefetch_plan")
-            return 0
+            return self._prefetched(0)
         state = self.cache.groups[group]
         base, free = state.first[first.layer], self.cache.free_slots(group)
         victims = self._evictable(group, needed_now) if free < objects else NO_PLACES  # only when slots fall short
         loads, evictions = plan_group_prefetch(per_object, state.state, victims, base, self.config.min_score,
                                                objects, free)
         if loads.size == 0:  # all worth loading is here or coming, or nothing scores above a victim
-            self.phases.lap("prefetch_plan")
-            return 0
+            return self._prefetched(0)
         if self._cuda:
             for handle in self._layer_demands:  # demand first: prefetches start once this layer's misses landed
                 handle.wait_on(self._prefetch_gate)
@@ -280,7 +278,15 @@ class Prefetcher:
         self.phases.lap("prefetch_plan")
         self._issue([state.keys[place] for place in loads.tolist()], tick, prefetch=True)
         self.phases.lap("prefetch_submit")
-        return loads.size
+        return self._prefetched(loads.size)
+
+    def _prefetched(self, count: int) -> int:
+        """A target layer's prefetch is done (``count`` objects issued): its host time is measured."""
+        if count == 0:
+            self.phases.lap("prefetch_plan")
+        if self.window is not None:
+            self.window.prefetched(count)
+        return count
 
     # ---- accounting ------------------------------------------------------------------------
     def collect_stats(self) -> PrefetchStats:

@@ -23,9 +23,16 @@ its victim is wanted, the prefetch pays when ``p (t - spill_i) - (1 - p) spill_i
 ``spill_i < (p - q) t``: objects that fit in the free time pass when ``p > q``, and an object that
 overhangs the window passes when it is likely enough (no cliff at a whole object's size).
 
+A prefetched object also costs host time to plan and submit (``object_host_s``, measured per object
+issued), and where the host, not the link, paces the layer, that time delays the next demand as surely
+as a spill. It is free only while it fits in the host's own wait for routing (``wait_s``, the host's
+slack): object ``i`` costs ``host_i = max(0, i h - wait) - max(0, (i-1) h - wait)`` more, and passes
+when ``spill_i + host_i < (p - q) t``. The prefetch's own host time is kept out of ``host``: counting
+it would grow the window with every object admitted (a slow host would then prefetch ever more).
+
 Invariants: nothing is admitted until one host time has been measured (no blind prefetch); the free time
 never goes negative; bytes already queued (demand or prefetch, of this layer or earlier ones) count
-against it; admitted objects are a prefix of the candidates (spill never shrinks with ``i``).
+against it; admitted objects are a prefix of the candidates (spill and host cost never shrink with ``i``).
 """
 
 from __future__ import annotations
@@ -44,23 +51,38 @@ class LinkWindow:
     bandwidth_gbps: float
     fill: float  # share of the free link time prefetch may fill (headroom for the measurement's noise)
     smoothing: float = 0.2  # weight of the newest measurement in the averages
-    host_s: float | None = None  # average host work from a prefetch decision to the next demand; None until measured
+    host_s: float | None = None  # average host work from a prefetch decision to the next demand, the prefetch's
+    # own planning and submits excepted; None until measured
     tail_s: float = 0.0  # average wait for the next routing that the backlog at the decision does not explain
+    wait_s: float = 0.0  # average wait of the host for routing: the host time a prefetch may take for free
+    object_host_s: float = 0.0  # average host time to plan and submit one prefetched object
     _busy_until_s: float = 0.0  # when the link will have moved every byte queued so far
     _decided_s: float | None = None  # host time of the last prefetch decision, until the next demand measures it
     _decided_backlog_s: float = 0.0  # the link's backlog at that decision
+    _prefetch_s: float = 0.0  # host time the last decision's own prefetch took (``prefetched``)
 
     def layer_started(self, now_s: float | None = None, routing_wait_s: float = 0.0) -> None:
         """A layer's routing is known and its demand comes now, after the host waited ``routing_wait_s`` for that
         routing: measure the last prefetch decision's host work and unexplained tail."""
         now_s = time.perf_counter() if now_s is None else now_s
+        self.wait_s = (1 - self.smoothing) * self.wait_s + self.smoothing * routing_wait_s
         if self._decided_s is not None:
-            host_s = max(0.0, now_s - self._decided_s - routing_wait_s)
+            host_s = max(0.0, now_s - self._decided_s - routing_wait_s - self._prefetch_s)
             tail_s = max(0.0, routing_wait_s - max(0.0, self._decided_backlog_s - host_s))
             previous = host_s if self.host_s is None else self.host_s
             self.host_s = (1 - self.smoothing) * previous + self.smoothing * host_s
             self.tail_s = (1 - self.smoothing) * self.tail_s + self.smoothing * tail_s
             self._decided_s = None
+
+    def prefetched(self, count: int, now_s: float | None = None) -> None:
+        """The last decision's prefetch is planned and ``count`` objects are submitted: its host time is the
+        prefetch's own (kept out of ``host_s``), and per object it measures ``object_host_s``."""
+        now_s = time.perf_counter() if now_s is None else now_s
+        if self._decided_s is None:
+            return
+        self._prefetch_s = max(0.0, now_s - self._decided_s)
+        if count > 0:
+            self.object_host_s = (1 - self.smoothing) * self.object_host_s + self.smoothing * self._prefetch_s / count
 
     def queued(self, nbytes: int, now_s: float | None = None) -> None:
         """``nbytes`` of copies were submitted (demand or prefetch): they occupy the link after the backlog."""
@@ -74,16 +96,18 @@ class LinkWindow:
         again with probability ``regret``; marks a prefetch decision."""
         now_s = time.perf_counter() if now_s is None else now_s
         backlog_s = max(0.0, self._busy_until_s - now_s)
-        self._decided_s, self._decided_backlog_s = now_s, backlog_s
+        self._decided_s, self._decided_backlog_s, self._prefetch_s = now_s, backlog_s, 0.0
         if self.host_s is None:
             return 0
         free_s = self.fill * max(0.0, max(self.host_s, backlog_s) + self.tail_s - backlog_s)
         object_s = object_bytes / (self.bandwidth_gbps * 1e9)
         pays_s = (precision - regret) * object_s  # expected link time saved, before any spill
+        host_s, slack_s = self.object_host_s, self.wait_s
         count = 0
         while count < max_objects and pays_s > 0.0:
             spill_s = max(0.0, (count + 1) * object_s - free_s) - max(0.0, count * object_s - free_s)
-            if spill_s > 0.0 and spill_s >= pays_s:
+            busy_s = max(0.0, (count + 1) * host_s - slack_s) - max(0.0, count * host_s - slack_s)
+            if spill_s + busy_s > 0.0 and spill_s + busy_s >= pays_s:
                 break
             count += 1
         return count
