@@ -39,10 +39,11 @@ Design note. One object (an expert) moves through these states::
   the next layer's demand, plus one that overhangs it when its expected saving beats its expected
   delay (``LinkWindow``: the predicted time to the next demand (measured host work, plus the wait for
   routing that queued copies do not explain), minus the link time of every byte already queued,
-  times ``link_fill``; the chance of being right is the
-  measured share of prefetched objects that the next demand of their layer used, less the measured
-  share of objects evicted by prefetch that it wanted back); it evicts only objects predicted lower
-  than what it loads, and loads only objects whose expected uses exceed ``min_score``.
+  times ``link_fill``; the chance of being right is the measured share of prefetched objects that the
+  next demand of their layer used, less the measured share of objects evicted by prefetch that it
+  wanted back; the host time of planning and submitting an object counts as delay where the host
+  would not otherwise wait); it evicts only objects predicted lower than what it loads, and loads
+  only objects whose expected uses exceed ``min_score``.
 - A demanded object that is absent is a miss: it is fetched now (a "synchronous" fetch: the compute
   stream waits for it) and counted. A demanded object in flight is a hit that may stall; the time
   the compute stream waited is measured with timing events around the wait (GPU) or the wall clock

@@ -23,12 +23,15 @@ its victim is wanted, the prefetch pays when ``p (t - spill_i) - (1 - p) spill_i
 ``spill_i < (p - q) t``: objects that fit in the free time pass when ``p > q``, and an object that
 overhangs the window passes when it is likely enough (no cliff at a whole object's size).
 
-A prefetched object also costs host time to plan and submit (``object_host_s``, measured per object
-issued), and where the host, not the link, paces the layer, that time delays the next demand as surely
-as a spill. It is free only while it fits in the host's own wait for routing (``wait_s``, the host's
-slack): object ``i`` costs ``host_i = max(0, i h - wait) - max(0, (i-1) h - wait)`` more, and passes
-when ``spill_i + host_i < (p - q) t``. The prefetch's own host time is kept out of ``host``: counting
-it would grow the window with every object admitted (a slow host would then prefetch ever more).
+A prefetched object also costs host time to plan and submit (``h``, measured per object issued), and
+where the host, not the link, paces the layer, that time delays the next demand as surely as a spill.
+It is free only while the host would otherwise wait for the next routing: ``slack = lead - host``
+(this layer's backlog beyond the host's work, plus the tail). Object ``i`` costs
+``busy_i = max(0, i h - slack) - max(0, (i-1) h - slack)`` of host time, and passes when
+``spill_i + busy_i < (p - q) t``: a layer whose misses keep the link busy prefetches on host time that
+is free, a layer that hit everything (the GPU soon waits for the host) only what pays for its host
+time. The prefetch's own host time is kept out of ``host``: counting it would grow the window with
+every object admitted (a slow host would then prefetch ever more).
 
 Invariants: nothing is admitted until one host time has been measured (no blind prefetch); the free time
 never goes negative; bytes already queued (demand or prefetch, of this layer or earlier ones) count
@@ -54,7 +57,6 @@ class LinkWindow:
     host_s: float | None = None  # average host work from a prefetch decision to the next demand, the prefetch's
     # own planning and submits excepted; None until measured
     tail_s: float = 0.0  # average wait for the next routing that the backlog at the decision does not explain
-    wait_s: float = 0.0  # average wait of the host for routing: the host time a prefetch may take for free
     object_host_s: float = 0.0  # average host time to plan and submit one prefetched object
     _busy_until_s: float = 0.0  # when the link will have moved every byte queued so far
     _decided_s: float | None = None  # host time of the last prefetch decision, until the next demand measures it
@@ -65,7 +67,6 @@ class LinkWindow:
         """A layer's routing is known and its demand comes now, after the host waited ``routing_wait_s`` for that
         routing: measure the last prefetch decision's host work and unexplained tail."""
         now_s = time.perf_counter() if now_s is None else now_s
-        self.wait_s = (1 - self.smoothing) * self.wait_s + self.smoothing * routing_wait_s
         if self._decided_s is not None:
             host_s = max(0.0, now_s - self._decided_s - routing_wait_s - self._prefetch_s)
             tail_s = max(0.0, routing_wait_s - max(0.0, self._decided_backlog_s - host_s))
@@ -99,10 +100,11 @@ class LinkWindow:
         self._decided_s, self._decided_backlog_s, self._prefetch_s = now_s, backlog_s, 0.0
         if self.host_s is None:
             return 0
-        free_s = self.fill * max(0.0, max(self.host_s, backlog_s) + self.tail_s - backlog_s)
+        lead_s = max(self.host_s, backlog_s) + self.tail_s
+        free_s = self.fill * max(0.0, lead_s - backlog_s)
         object_s = object_bytes / (self.bandwidth_gbps * 1e9)
         pays_s = (precision - regret) * object_s  # expected link time saved, before any spill
-        host_s, slack_s = self.object_host_s, self.wait_s
+        host_s, slack_s = self.object_host_s, lead_s - self.host_s
         count = 0
         while count < max_objects and pays_s > 0.0:
             spill_s = max(0.0, (count + 1) * object_s - free_s) - max(0.0, count * object_s - free_s)
