@@ -75,6 +75,7 @@ class CrossFitted:
         seqs = routes.sequence_ids
         self.name = name
         self.models = [entry.factory(config, routes.select_sequences(seqs[seqs % 2 != parity])) for parity in (0, 1)]
+        self.reads_hidden = any(getattr(model, "reads_hidden", True) for model in self.models)
         self._seqs = np.zeros(0, dtype=np.int64)
         self._single: Predictor | None = None  # the one model serving every row of the step, if one does
         self._rows = [np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)]  # each model's rows of the step

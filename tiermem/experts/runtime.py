@@ -126,6 +126,9 @@ class ExpertRuntime:
         use_graphs = self.compute is ExpertCompute.GROUPED and config.cuda_graphs and self.cache.device.type == "cuda"
         self._graphs = WaveGraphs(self._slot_weights) if use_graphs else None
         self.tracker = RouteTracker(num_layers=num_layers, num_experts=store.num_experts, top_k=top_k)
+        # a predictor that reads the router input gets it on the host, copied with the routing: read on the GPU
+        # after this layer's compute was queued, it would wait for that compute (and its misses' copies)
+        self._input_to_host = predictor is not None and getattr(predictor, "reads_hidden", True)
         self._closed = False
         log.info("expert runtime: %d slot(s) per group x %d group(s) (%s of HBM), policy %s, prefetch %s",
                  self.cache.pool.slots_per_group, self.cache.num_groups, format_bytes(self.cache.capacity_bytes),
@@ -144,11 +147,13 @@ class ExpertRuntime:
                               "experts are gone, so the model cannot run anymore")
         phases = self.phases
         phases.start()
+        router_input = hidden if router_input is None else router_input
+        if self._input_to_host and router_input.is_cuda:  # queued before the routing's copy: one wait for both
+            router_input = router_input.detach().to("cpu", non_blocking=True)
         began = time.perf_counter()
         index = top_k_index.to("cpu").numpy()  # the one synchronisation per layer: which experts were hit
         routing_wait_s = time.perf_counter() - began
         phases.lap("route_sync")
-        router_input = hidden if router_input is None else router_input
         if self.compute is ExpertCompute.GROUPED:
             return self._run_grouped(layer, index, hidden, top_k_weights, act_fn, router_input, routing_wait_s)
         routing = route(torch.from_numpy(index), self.store.num_experts, hidden.device)

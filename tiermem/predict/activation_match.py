@@ -41,6 +41,8 @@ class ActivationMatchConfig:
 class ActivationMatchPredictor:
     """Nearest-neighbour matching of expert activation matrices (MoE-Infinity)."""
 
+    reads_hidden = False  # routing history only: no copy of the router input (Predictor)
+
     def __init__(self, collection: np.ndarray, config: ActivationMatchConfig = ActivationMatchConfig()) -> None:
         self.collection = _normalise_rows(np.asarray(collection, dtype=np.float32))  # [S, L, E]
         flat = self.collection.reshape(len(self.collection), -1)

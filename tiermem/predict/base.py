@@ -46,7 +46,11 @@ class RouteContext:
 
 @runtime_checkable
 class Predictor(Protocol):
-    """Scores every expert of each of the next ``distance`` layers, per token."""
+    """Scores every expert of each of the next ``distance`` layers, per token.
+
+    A predictor may also say, as a ``reads_hidden`` attribute, whether ``predict`` reads ``context.hidden``;
+    a runtime then copies the router input to the host together with the routing (one wait for both)
+    only for one that does. Without the attribute it is assumed to read it."""
 
     def predict(self, context: RouteContext, distance: int) -> np.ndarray:
         """Return float32 scores ``[distance, B, E]``; higher means more likely to be routed to."""

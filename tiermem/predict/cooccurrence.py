@@ -45,6 +45,8 @@ class CoOccurrenceConfig:
 class CoOccurrencePredictor:
     """Predicts a target layer from the experts of the anchor layer and of the previous step."""
 
+    reads_hidden = False  # routing history only: no copy of the router input (Predictor)
+
     def __init__(self, cross: np.ndarray, step: np.ndarray, popularity: np.ndarray,
                  config: CoOccurrenceConfig = CoOccurrenceConfig()) -> None:
         self.cross = cross  # float32 [L, D, E, E]

@@ -32,6 +32,8 @@ class FrequencyConfig:
 class FrequencyPredictor:
     """Scores each expert of a target layer by how often it was used (globally and by this sequence)."""
 
+    reads_hidden = False  # routing history only: no copy of the router input (Predictor)
+
     def __init__(self, popularity: np.ndarray, config: FrequencyConfig = FrequencyConfig()) -> None:
         self.popularity = np.asarray(popularity, dtype=np.float32)  # [L, E]
         self.config = config

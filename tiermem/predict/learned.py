@@ -278,6 +278,7 @@ class LearnedPredictor:
         self.device = torch.device(device)
         self.compiled_max_batch = compiled_max_batch
         self.compiled = CompiledRouteNet(self.net, token_hash=_HASH) if compiled_max_batch else None
+        self.reads_hidden = any(net.hidden_heads)  # trained with hidden states (Predictor)
 
     def predict(self, context: RouteContext, distance: int) -> np.ndarray:
         check_context(context, distance, num_layers=self.net.num_layers, num_experts=self.net.num_experts,

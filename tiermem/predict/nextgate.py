@@ -28,6 +28,8 @@ from tiermem.predict.common import check_context, layers_ahead
 class NextGatePredictor:
     """Scores experts ahead with the real routers of those layers."""
 
+    reads_hidden = True  # the router input, scored by the next routers (Predictor)
+
     def __init__(self, gates: Sequence[torch.Tensor]) -> None:
         if not gates:
             raise TraceError("predict: next-gate needs one router weight [E, H] per MoE layer, got none")

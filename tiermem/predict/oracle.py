@@ -36,6 +36,8 @@ class OracleRoutes:
 class OraclePredictor:
     """Perfect scores for one batch of trace rows (see the module docstring: an oracle)."""
 
+    reads_hidden = False  # the recorded future only (Predictor)
+
     def __init__(self, trace: RouteTrace, rows: np.ndarray) -> None:
         self.trace = trace
         self.rows = rows
