@@ -99,14 +99,19 @@ def test_the_cross_fitted_predictor_hands_each_half_its_own_rows_of_the_hidden_s
 
     routes = synthetic_trace(SyntheticConfig(num_sequences=6, num_layers=3, num_experts=8, top_k=2, seed=0))
     predictor = moe_workloads.CrossFitted(routes, 1, "cooccurrence")
+    assert not predictor.reads_hidden  # co-occurrence reads the routing only: its models get no hidden state
     predictor.models = [Seen(), Seen()]
     predictor.seqs = np.array([3, 0, 5, 2])  # parities 1, 0, 1, 0
     hidden = torch.arange(4 * 3, dtype=torch.float32).reshape(4, 3)
     current = np.zeros((4, 3, 2), dtype=np.int16)
-    predictor.predict(RouteContext(num_experts=8, layer=0, current=current, hidden=hidden), 1)
-    assert torch.equal(predictor.models[0].hidden[0], hidden[[1, 3]])
-    assert torch.equal(predictor.models[1].hidden[0], hidden[[0, 2]])
-    assert predictor.models[0].hidden[0].device == hidden.device
+    context = RouteContext(num_experts=8, layer=0, current=current, hidden=hidden)
+    predictor.predict(context, 1)
+    assert predictor.models[0].hidden == [None] and predictor.models[1].hidden == [None]
+    predictor.reads_hidden = True  # as for models that read it (learned with hidden states, next-gate)
+    predictor.predict(context, 1)
+    assert torch.equal(predictor.models[0].hidden[1], hidden[[1, 3]])
+    assert torch.equal(predictor.models[1].hidden[1], hidden[[0, 2]])
+    assert predictor.models[0].hidden[1].device == hidden.device
 
 
 def test_a_trace_with_router_inputs_hands_each_layers_recorded_input_to_the_predictor(tmp_path):
