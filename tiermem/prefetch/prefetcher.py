@@ -315,16 +315,16 @@ class Prefetcher:
     def _fetch_some(self, wave: list[ObjectKey], pending: list[ObjectKey], tick: int) -> list[ObjectKey]:
         """Fetch as many ``pending`` keys as the group has room for (evicting by policy); returns the rest."""
         group = self.cache.group_of(pending[0])
-        victims = self._evictable(group)
-        if victims.size == 0 and not wave and self.cache.free_slots(group) == 0:
+        free = self.cache.free_slots(group)
+        victims = self._evictable(group) if free < len(pending) else NO_PLACES  # ranked only when slots fall short
+        if victims.size == 0 and not wave and free == 0:
             self._wait_group(group)  # only prefetches in flight hold the group's slots: let them land
-            victims = self._evictable(group)
-            if victims.size == 0 and self.cache.free_slots(group) == 0:
+            free, victims = self.cache.free_slots(group), self._evictable(group)
+            if victims.size == 0 and free == 0:
                 raise ConfigError(
                     f"prefetch: slot group {group} has no slot that is free or evictable (all pinned); "
                     "give the cache at least one slot per object a layer needs at once"
                 )
-        free = self.cache.free_slots(group)
         room = free + victims.size
         if room == 0:
             return pending
