@@ -104,11 +104,11 @@ class LinkWindow:
         free_s = self.fill * max(0.0, lead_s - backlog_s)
         object_s = object_bytes / (self.bandwidth_gbps * 1e9)
         pays_s = (precision - regret) * object_s  # expected link time saved, before any spill
-        host_s, slack_s = self.object_host_s, lead_s - self.host_s
+        each_s, slack_s = self.object_host_s, lead_s - self.host_s  # host time per object, and the host's slack
         count = 0
         while count < max_objects and pays_s > 0.0:
             spill_s = max(0.0, (count + 1) * object_s - free_s) - max(0.0, count * object_s - free_s)
-            busy_s = max(0.0, (count + 1) * host_s - slack_s) - max(0.0, count * host_s - slack_s)
+            busy_s = max(0.0, (count + 1) * each_s - slack_s) - max(0.0, count * each_s - slack_s)
             if spill_s + busy_s > 0.0 and spill_s + busy_s >= pays_s:
                 break
             count += 1
