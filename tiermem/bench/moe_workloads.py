@@ -92,7 +92,7 @@ class CrossFitted:
         parity = self._seqs % 2
         self._single = self.models[int(parity[0])] if parity.size and (parity == parity[0]).all() else None
         self._rows = [np.flatnonzero(parity == p) for p in (0, 1)]
-        self._device_rows: dict[torch.device, list[torch.Tensor]] = {}
+        self._device_rows = {}
 
     def predict(self, context: RouteContext, distance: int) -> np.ndarray:
         if self._single is not None:  # one model serves every row (always at batch 1): predict once

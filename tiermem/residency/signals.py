@@ -70,9 +70,9 @@ class ActivationCounts:
 class PredictionScores:
     """The latest predicted score of each object (higher = more likely needed soon), set by the prefetcher.
 
-    Two ways in, one truth: ``update`` sets single keys; ``publish`` sets a whole table layer at once as
-    one array (``scores[i]`` is the object of index ``i``), kept by reference, so publishing a layer's
-    prediction costs the same for 8 experts as for 256. The later write of a key wins."""
+    Two ways in, one truth: ``update`` sets single keys; ``publish`` sets a whole table layer at once,
+    stored as one array (``scores[i]`` is the object of index ``i``), so publishing a layer's prediction
+    costs about the same for 8 experts as for 256. The later write of a key wins."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
