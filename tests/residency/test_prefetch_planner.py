@@ -65,6 +65,14 @@ def test_prefetch_loads_the_best_scored_first_and_evicts_in_policy_order_around_
     assert plan.evictions == (KEYS[0], KEYS[2])
 
 
+def test_prefetch_never_swaps_equally_likely_objects():
+    scores = {KEYS[4]: 0.5, KEYS[5]: 0.5, KEYS[6]: 0.25, KEYS[0]: 0.5, KEYS[1]: 0.25}
+    plan = plan_prefetch(scores, [KEYS[0], KEYS[1]], frozenset(), frozenset(), 0,
+                         PrefetchBudget(max_bytes=3 * OBJECT_BYTES, object_bytes=OBJECT_BYTES))
+    # KEYS[0] is as likely as either 0.5 candidate: skipped for good; KEYS[1] (0.25) goes for the first one only
+    assert plan.loads == (KEYS[4],) and plan.evictions == (KEYS[1],)
+
+
 def test_prefetch_counts_wanted_objects_already_in_flight_and_skips_them():
     scores = {KEYS[3]: 0.9, KEYS[4]: 0.5}
     plan = plan_prefetch(scores, [], frozenset({KEYS[3]}), frozenset(), 2,

@@ -80,8 +80,8 @@ def plan_prefetch(
     ``scores`` are predictions for the group's objects (higher = sooner needed); ``resident`` lists
     the group's resident objects in eviction order (lowest priority first, see
     ``tiermem.residency.eviction_order``). A resident object without a score counts as not predicted.
-    ``resident_score(key)``, when given, scores resident objects instead, asked only for the victims
-    the plan walks past (a caller holding every score in an array need not build a dict of them).
+    ``resident_score(key)``, when given, scores resident objects instead (asked once per evictable
+    object: a caller holding every score in an array need not build a dict of them).
     Candidates are taken by descending score (ties by key); each one takes a free slot or evicts the
     first evictable object whose score is lower than its own, until the budget or the room runs out.
     """
@@ -99,32 +99,34 @@ def plan_prefetch(
 
     victim_score = resident_score or (lambda key: scores.get(key, float("-inf")))
     candidates = candidates[: budget.max_objects]
-    count, chosen = pair_victims([scores[key] for key in candidates], len(victims),
-                                 lambda i: victim_score(victims[i]), free_slots)
-    return PrefetchPlan(tuple(candidates[:count]), tuple(victims[i] for i in chosen),
+    count, chosen = pair_victims(np.array([scores[key] for key in candidates], np.float64),
+                                 np.array([victim_score(key) for key in victims], np.float64), free_slots)
+    return PrefetchPlan(tuple(candidates[:count]), tuple(victims[i] for i in chosen.tolist()),
                         count * budget.object_bytes, skipped)
 
 
-def pair_victims(candidate_scores: Sequence[float], num_victims: int, victim_score: Callable[[int], float],
-                 free_slots: int) -> tuple[int, list[int]]:
-    """The rule of ``plan_prefetch`` on bare scores: candidates best first, evictable objects first to evict
-    first (``victim_score(i)`` of the ``i``-th, asked lazily). Each candidate takes a free slot, or evicts
-    the next victim scored below it (a victim scored at least as high is skipped for good: later
-    candidates score lower); returns how many candidates load and the victims' indices, in order."""
-    chosen: list[int] = []
-    free, next_victim, count = free_slots, 0, 0
+@numba.njit(cache=True, nogil=True)
+def pair_victims(candidate_scores: np.ndarray, victim_scores: np.ndarray,
+                 free_slots: int) -> tuple[int, np.ndarray]:  # pragma: no cover - compiled
+    """The rule of both prefetch planners on bare scores: candidates best first, victims first to evict first.
+    Each candidate takes a free slot, or evicts the next victim scored below it (a victim scored at least
+    as high is skipped for good: later candidates score lower); returns how many candidates load and the
+    indices of the victims they evict, in order."""
+    chosen = np.empty(candidate_scores.shape[0], np.int64)
+    evicted, count, free, next_victim = 0, 0, free_slots, 0
     for floor in candidate_scores:
         if free > 0:
             free -= 1
         else:
-            while next_victim < num_victims and victim_score(next_victim) >= floor:
+            while next_victim < victim_scores.shape[0] and victim_scores[next_victim] >= floor:
                 next_victim += 1
-            if next_victim == num_victims:
+            if next_victim == victim_scores.shape[0]:
                 break
-            chosen.append(next_victim)
+            chosen[evicted] = next_victim
+            evicted += 1
             next_victim += 1
         count += 1
-    return count, chosen
+    return count, chosen[:evicted]
 
 
 def plan_demand(
@@ -178,22 +180,10 @@ def plan_group_prefetch(scores: np.ndarray, state: np.ndarray, victims: np.ndarr
         taken[best] = True
         chosen[wanted] = best
         wanted += 1
-    evictions = np.empty(wanted, np.int64)
-    evicted, loads, free, next_victim = 0, 0, free_slots, 0
-    for k in range(wanted):
-        if free > 0:
-            free -= 1
-        else:
-            floor = scores[chosen[k]]
-            while next_victim < victims.shape[0]:
-                place = victims[next_victim] - base
-                if not (0 <= place < count and scores[place] >= floor):  # another layer's victim scores -inf
-                    break
-                next_victim += 1
-            if next_victim == victims.shape[0]:
-                break
-            evictions[evicted] = victims[next_victim]
-            evicted += 1
-            next_victim += 1
-        loads += 1
-    return chosen[:loads] + base, evictions[:evicted]
+    victim_scores = np.full(victims.shape[0], -np.inf)  # another layer's victim scores -inf
+    for v in range(victims.shape[0]):
+        place = victims[v] - base
+        if 0 <= place < count:
+            victim_scores[v] = scores[place]
+    loads, evicted = pair_victims(scores[chosen[:wanted]].astype(np.float64), victim_scores, free_slots)
+    return chosen[:loads] + base, victims[evicted]
