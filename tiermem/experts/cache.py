@@ -18,7 +18,7 @@ arrays change in the same calls.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ import torch
 from tiermem.errors import ConfigError
 from tiermem.experts.layout import ExpertLayout
 from tiermem.residency.directory import Directory, DirectorySnapshot
-from tiermem.residency.groups import ABSENT, IN_FLIGHT, RESIDENT, GroupState
+from tiermem.residency.groups import ABSENT, IN_FLIGHT, NO_PLACES, RESIDENT, GroupState, evictable_places
 from tiermem.residency.policies import CacheEntry, PolicySignals, make_policy, priority_array
 from tiermem.residency.slots import SlotLayout, SlotPool
 from tiermem.types import ObjectKey
@@ -104,16 +104,20 @@ class ExpertCache:
 
     def order(self, group: int) -> list[ObjectKey]:
         """The group's resident keys, first to evict first (pinned ones included; planners skip them)."""
-        keys = self.groups[group].keys
-        return [keys[i] for i in self.order_places(group).tolist()]
-
-    def order_places(self, group: int) -> np.ndarray:
-        """``order(group)`` as places in the group (``GroupState``)."""
         state = self.groups[group]
-        places = np.flatnonzero(state.state == RESIDENT)
-        return places[np.lexsort((places, state.last_use[places], self.priorities(group)[places]))]
+        places = evictable_places(state.state, np.zeros_like(state.pins), state.last_use, self._priorities(group),
+                                  NO_PLACES)
+        return [state.keys[place] for place in places.tolist()]
 
-    def priorities(self, group: int) -> np.ndarray:
+    def evictable(self, group: int, needed: Collection[ObjectKey] = ()) -> np.ndarray:
+        """The group's resident, unpinned places (``GroupState``) not holding a ``needed`` key, first to evict
+        first: the policy's order, ranked in one compiled call."""
+        state = self.groups[group]
+        places = [state.first[k.layer] + k.index for k in needed if k.layer in state.first]
+        return evictable_places(state.state, state.pins, state.last_use, self._priorities(group),
+                                np.array(places, np.int64) if places else NO_PLACES)
+
+    def _priorities(self, group: int) -> np.ndarray:
         """The policy's priority of every place of the group that is resident (others are arbitrary): the
         policy's own array where it has one (lru, predicted), else asked once per resident object."""
         state = self.groups[group]

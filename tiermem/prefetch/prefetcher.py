@@ -71,7 +71,7 @@ from tiermem.prefetch.planner import plan_demand, plan_group_prefetch
 from tiermem.prefetch.ports import Homes, SlotCache
 from tiermem.prefetch.stats import HostPhases, PrefetchStats
 from tiermem.prefetch.window import LinkWindow, NextDemandShare
-from tiermem.residency.groups import NO_PLACES, evictable_places
+from tiermem.residency.groups import NO_PLACES
 from tiermem.residency.signals import PredictionScores
 from tiermem.transfer import TransferHandle
 from tiermem.types import ObjectKey
@@ -263,7 +263,7 @@ class Prefetcher:
             return self._prefetched(0)
         state = self.cache.groups[group]
         base, free = state.first[first.layer], self.cache.free_slots(group)
-        victims = self._evictable(group, needed_now) if free < objects else NO_PLACES  # only when slots fall short
+        victims = self.cache.evictable(group, needed_now) if free < objects else NO_PLACES  # only when slots fall short
         loads, evictions = plan_group_prefetch(per_object, state.state, victims, base, self.config.min_score,
                                                objects, free)
         if loads.size == 0:  # all worth loading is here or coming, or nothing scores above a victim
@@ -316,10 +316,10 @@ class Prefetcher:
         """Fetch as many ``pending`` keys as the group has room for (evicting by policy); returns the rest."""
         group = self.cache.group_of(pending[0])
         free = self.cache.free_slots(group)
-        victims = self._evictable(group) if free < len(pending) else NO_PLACES  # ranked only when slots fall short
+        victims = self.cache.evictable(group) if free < len(pending) else NO_PLACES  # ranked only when slots fall short
         if victims.size == 0 and not wave and free == 0:
             self._wait_group(group)  # only prefetches in flight hold the group's slots: let them land
-            free, victims = self.cache.free_slots(group), self._evictable(group)
+            free, victims = self.cache.free_slots(group), self.cache.evictable(group)
             if victims.size == 0 and free == 0:
                 raise ConfigError(
                     f"prefetch: slot group {group} has no slot that is free or evictable (all pinned); "
@@ -345,14 +345,6 @@ class Prefetcher:
         wave.extend(plan.loads)
         self.stats.misses += len(plan.loads)
         return rest
-
-    def _evictable(self, group: int, needed: frozenset[ObjectKey] = frozenset()) -> np.ndarray:
-        """The group's resident, unpinned places not ``needed``, first to evict first."""
-        state = self.cache.groups[group]
-        first = state.first
-        places = [first[k.layer] + k.index for k in needed if k.layer in first]
-        return evictable_places(state.state, state.pins, state.last_use, self.cache.priorities(group),
-                                np.array(places, np.int64) if places else NO_PLACES)
 
     def _issue(self, keys: Sequence[ObjectKey], tick: int, *, prefetch: bool) -> None:
         """Take a slot for each key and copy all of them in one submit; each key keeps its own completion."""
