@@ -79,7 +79,6 @@ class CrossFitted:
         self._seqs = np.zeros(0, dtype=np.int64)
         self._single: Predictor | None = None  # the one model serving every row of the step, if one does
         self._rows = [np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)]  # each model's rows of the step
-        self._device_rows: dict[torch.device, list[torch.Tensor]] = {}  # the same, as index tensors per device
 
     @property
     def seqs(self) -> np.ndarray:
@@ -92,7 +91,6 @@ class CrossFitted:
         parity = self._seqs % 2
         self._single = self.models[int(parity[0])] if parity.size and (parity == parity[0]).all() else None
         self._rows = [np.flatnonzero(parity == p) for p in (0, 1)]
-        self._device_rows = {}
 
     def predict(self, context: RouteContext, distance: int) -> np.ndarray:
         if self._single is not None:  # one model serves every row (always at batch 1): predict once
@@ -100,33 +98,21 @@ class CrossFitted:
         # each model scores only its own rows, as a deployment's one model scores each row once (scoring every
         # row with both and picking would bill tiermem for two predictions per row)
         out = np.empty((distance, context.batch_size, context.num_experts), dtype=np.float32)
-        for half, (model, rows) in enumerate(zip(self.models, self._rows)):
-            out[:, rows] = model.predict(_rows_of(context, rows, self._hidden_rows(context.hidden, half)), distance)
+        hidden = context.hidden if self.reads_hidden else None  # slicing it costs host time for nothing otherwise
+        for model, rows in zip(self.models, self._rows):
+            out[:, rows] = model.predict(_rows_of(context, rows, hidden), distance)
         return out
-
-    def _hidden_rows(self, hidden: torch.Tensor | None, half: int) -> torch.Tensor | None:
-        """Half ``half``'s rows of ``hidden``, selected where it lives (a copy to the host would wait for the
-        GPU's queued work); none at all for models that do not read it (a pinned index per step and two
-        selections per layer cost the host about 100 us per layer on the H100 machine)."""
-        if hidden is None or not self.reads_hidden:
-            return None
-        index = self._device_rows.get(hidden.device)
-        if index is None:  # once per step and device: pinned, so the copy does not wait for the GPU either
-            pinned = hidden.device.type == "cuda"
-            index = self._device_rows[hidden.device] = [
-                (torch.from_numpy(rows).pin_memory() if pinned else torch.from_numpy(rows)).to(hidden.device,
-                                                                                               non_blocking=True)
-                for rows in self._rows]
-        return hidden.index_select(0, index[half])
 
 
 def _rows_of(context: RouteContext, rows: np.ndarray, hidden: torch.Tensor | None) -> RouteContext:
-    """``context`` restricted to batch ``rows`` (``hidden``: those rows of the context's hidden state)."""
+    """``context`` restricted to batch ``rows``, with those rows of ``hidden`` (the runtime hands a predictor
+    that reads it the router input on the host)."""
     def pick(array: np.ndarray | None) -> np.ndarray | None:
         return None if array is None else array[rows]
 
     return replace(context, current=context.current[rows], previous=pick(context.previous),
-                   activation=pick(context.activation), token_ids=pick(context.token_ids), hidden=hidden)
+                   activation=pick(context.activation), token_ids=pick(context.token_ids),
+                   hidden=None if hidden is None else hidden[torch.from_numpy(rows).to(hidden.device)])
 
 
 def workloads(traces_dir: Path, names: list[str], quick: bool) -> list[Workload]:
