@@ -49,7 +49,7 @@ def test_prefetch_plan_respects_budget_room_pins_and_in_flight(state):
 
 @given(planner_states())
 @settings(max_examples=200, deadline=None)
-def test_resident_scores_looked_up_lazily_plan_exactly_as_a_dict_of_every_score(state):
+def test_resident_scores_from_a_callable_plan_exactly_as_a_dict_of_every_score(state):
     scores, resident, in_flight, pinned, needed, free, budget = state
     candidates = {k: v for k, v in scores.items() if k not in set(resident)}
     lazy = plan_prefetch(candidates, resident, in_flight, pinned, free, budget, needed_now=needed,
