@@ -89,7 +89,7 @@ def _prefetch_and_compare(cache, store, prefetcher, predictions, predictor, valu
 
 
 steps = st.lists(st.tuples(st.sampled_from(["serve0", "serve1", "prefetch", "prefetch_in_wave0", "prefetch_in_wave1",
-                                            "land"]),
+                                            "land", "forget0", "forget1"]),
                            st.lists(st.integers(0, NUM_EXPERTS - 1), min_size=1, max_size=TOP_K * 2, unique=True),
                            st.lists(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]), min_size=NUM_EXPERTS,
                                     max_size=NUM_EXPERTS)),
@@ -122,6 +122,8 @@ def test_group_arrays_mirror_the_directory_and_plan_as_the_key_based_planners(po
                     _prefetch_and_compare(cache, store, prefetcher, predictions, predictor, values, objects, tick,
                                           needed)
                     _check_mirror(cache)
+            elif op.startswith("forget"):  # a skipped prediction: the layer ranks by recency again
+                predictions.forget(store.key(int(op[-1]), 0))
             else:
                 prefetcher.drain()
             _check_mirror(cache)

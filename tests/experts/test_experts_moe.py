@@ -260,7 +260,10 @@ def test_predictors_inside_offload_see_the_anchor_layers_router_input():
     predictor = RecordsHidden()
     ids = torch.randint(0, common["vocab_size"], (2, 3))
     with torch.no_grad():
-        handle = offload(model, tier="sim", config={"resident_fraction": 0.5, "prefetch": {"distance": 1}},
+        # no link window: it admits nothing (so predicts nothing) before it has measured a lead, and this test is
+        # about what every prediction sees
+        handle = offload(model, tier="sim", config={"resident_fraction": 0.5,
+                                                    "prefetch": {"distance": 1, "link_fill": None}},
                          predictor=predictor)
         model(ids)
     handle.close()

@@ -25,19 +25,21 @@ SLOW_GBPS = 0.0002  # a modelled link slow enough that a copy of one tiny expert
 
 
 class FixedScores:
-    """A predictor that always scores the given experts 1 and the rest 0."""
+    """A predictor that always scores the given experts 1 and the rest 0, and counts its calls."""
 
     def __init__(self, experts: list[int]) -> None:
         self.experts = experts
+        self.calls = 0
 
     def predict(self, context: RouteContext, distance: int) -> np.ndarray:
+        self.calls += 1
         scores = np.zeros((distance, context.batch_size, context.num_experts), dtype=np.float32)
         scores[:, :, self.experts] = 1.0
         return scores
 
 
 def _setup(fused, *, slots: int, policy: str = "lru", bandwidth_gbps: float | None = None, predictor=None,
-           objects_per_layer: int = 2):
+           objects_per_layer: int = 2, link_fill: float | None = None):
     tier = {"kind": "sim", "capacity_bytes": "4MiB", "arena_bytes": "1MiB", "model_time": bandwidth_gbps is not None,
             "bandwidth_gbps": bandwidth_gbps or 25.0, "latency_us": 0.0}
     manager = TierManager.from_config({"tiers": [tier]})
@@ -49,7 +51,7 @@ def _setup(fused, *, slots: int, policy: str = "lru", bandwidth_gbps: float | No
                         device=torch.device("cpu"), policy=policy,
                         signals=PolicySignals(counts=ActivationCounts(), predictions=predictions))
     prefetcher = Prefetcher(cache, store, manager, predictor=predictor, predictions=predictions,
-                            config=PrefetchConfig(distance=1, objects_per_layer=objects_per_layer, link_fill=None))
+                            config=PrefetchConfig(distance=1, objects_per_layer=objects_per_layer, link_fill=link_fill))
     return manager, store, cache, prefetcher
 
 
@@ -200,6 +202,52 @@ def test_prefetch_host_time_is_free_only_within_the_hosts_wait_and_never_widens_
     window.layer_started(now_s=0.00332, routing_wait_s=0.00012)  # now the host waits 0.12 ms for routing
     # the first two objects' host time hides in that wait, the third costs 0.03 ms (< 0.045), the fourth 0.05
     assert window.admitted(100_000, 4, precision=0.45, now_s=0.00332) == 3
+
+
+def test_the_prediction_is_host_time_too_and_objects_must_pay_for_it_together_where_the_host_paces_the_layer():
+    window = LinkWindow(bandwidth_gbps=1.0, fill=1.0, smoothing=1.0)  # a 100 kB object: 0.1 ms of link
+    window.admitted(100_000, 4, precision=0.9, now_s=0.0)
+    window.layer_started(now_s=0.001)  # 1 ms of host work to the next demand, no wait for routing: no slack
+    assert window.admitted(100_000, 4, precision=0.9, now_s=0.001) == 4  # nothing measured costs nothing yet
+    window.predicted(0.0002)  # the prediction took 0.2 ms
+    window.prefetched(4, now_s=0.0014)  # and planning and submitting 4 objects 0.2 ms more: 0.05 ms each
+    assert window.object_host_s == pytest.approx(0.00005)  # the prediction is not billed per object
+    window.layer_started(now_s=0.0024)
+    assert window.host_s == pytest.approx(0.001)  # neither is lent to the next window
+    # each object saves 0.09 ms of link and costs 0.05 ms of host: 4 cannot pay for a 0.2 ms prediction, 8 can
+    assert window.admitted(100_000, 4, precision=0.9, now_s=0.0024) == 0
+    assert window.admitted(100_000, 8, precision=0.9, now_s=0.0024) == 8
+    window.prefetched(0, now_s=0.0024)
+    window.layer_started(now_s=0.0037, routing_wait_s=0.0003)  # now the host waits 0.3 ms for routing
+    # the prediction and the first two objects' host time hide in that wait; the rest cost less than they save
+    assert window.admitted(100_000, 1, precision=0.9, now_s=0.0037) == 1
+    assert window.admitted(100_000, 4, precision=0.9, now_s=0.0037) == 4
+
+
+def test_a_decision_that_admits_nothing_predicts_nothing_and_forgets_the_stale_scores(fused_experts):
+    predictor = FixedScores([3])
+    manager, store, _, prefetcher = _setup(fused_experts, slots=2, policy="predicted", predictor=predictor,
+                                           objects_per_layer=1, link_fill=1.0)
+    target = store.key(1, 0)
+    prefetcher.predictions.publish(target, np.arange(NUM_EXPERTS, dtype=np.float64))  # an earlier prediction
+    assert prefetcher.prefetch(_context(0), tick=0) == 0  # no lead measured yet: the window admits nothing
+    assert predictor.calls == 0 and prefetcher.stats.predictions_skipped == 1
+    assert prefetcher.predictions.layer(target) is None  # the predicted policy ranks layer 1 by recency now
+    prefetcher.window.host_s = 1.0  # a measured lead of a second: every object fits
+    assert prefetcher.prefetch(_context(0), tick=1) == 1
+    assert predictor.calls == 1 and prefetcher.stats.predictions_skipped == 1
+    assert prefetcher.predictions.layer(target)[3] == 1.0
+    prefetcher.drain()
+    manager.close()
+
+
+def test_without_prefetch_every_layer_is_predicted_for_the_eviction_policy(fused_experts):
+    predictor = FixedScores([3])
+    manager, _, _, prefetcher = _setup(fused_experts, slots=2, policy="predicted", predictor=predictor,
+                                       objects_per_layer=0, link_fill=1.0)
+    assert prefetcher.prefetch(_context(0), tick=0) == 0
+    assert predictor.calls == 1 and prefetcher.stats.predictions_skipped == 0
+    manager.close()
 
 
 def test_bytes_still_queued_on_the_link_leave_no_prefetch_room():

@@ -70,6 +70,18 @@ def test_predicted_policy_evicts_the_lowest_predicted_score_first():
     assert eviction_order(entries, make_policy("predicted", PolicySignals(predictions=scores))) == [K3, K1, K2, K0]
 
 
+def test_a_forgotten_layer_is_unpredicted_again_and_ranks_by_recency():
+    scores = PredictionScores()
+    scores.publish(K0, [0.9, 0.1, 0.5, 0.2])  # K0..K3 are one layer's objects 0..3
+    scores.update({K1: 0.7})
+    policy = make_policy("predicted", PolicySignals(predictions=scores))
+    entries = [entry(K0, 4), entry(K1, 1), entry(K2, 3), entry(K3, 2)]
+    assert eviction_order(entries, policy) == [K3, K2, K1, K0]
+    scores.forget(K2)  # any key of the layer names it
+    assert scores.layer(K0) is None and all(scores.score(k) == 0.0 for k in (K0, K1, K2, K3))
+    assert eviction_order(entries, policy) == [K1, K3, K2, K0]  # least recently used first
+
+
 def test_belady_evicts_the_object_used_furthest_in_the_future_first():
     future = FutureUses({K0: [3, 20], K1: [7], K2: [15]})
     future.advance(5)

@@ -42,8 +42,13 @@ Design note. One object (an expert) moves through these states::
   times ``link_fill``; the chance of being right is the measured share of prefetched objects that the
   next demand of their layer used, less the measured share of objects evicted by prefetch that it
   wanted back; the host time of planning and submitting an object counts as delay where the host
-  would not otherwise wait); it evicts only objects predicted lower than what it loads, and loads
-  only objects whose expected uses exceed ``min_score``.
+  would not otherwise wait, and so does the prediction, once per decision); it evicts only objects
+  predicted lower than what it loads, and loads only objects whose expected uses exceed ``min_score``.
+- Admission is decided before predicting: a decision whose window admits nothing predicts nothing (no
+  host time for a prediction no copy would use) and forgets the target layers' published scores, so
+  the ``predicted`` policy ranks those layers by recency (LRU) instead of by a stale prediction.
+  Prefetch disabled by config (``objects_per_layer=0``) still predicts every layer: then the
+  prediction serves the eviction policy alone.
 - A demanded object that is absent is a miss: it is fetched now (a "synchronous" fetch: the compute
   stream waits for it) and counted. A demanded object in flight is a hit that may stall; the time
   the compute stream waited is measured with timing events around the wait (GPU) or the wall clock
@@ -191,11 +196,13 @@ class Prefetcher:
 
     def ready(self, key: ObjectKey) -> torch.Tensor:
         """``key``'s slot row, once the compute stream will see its bytes (waits only on this copy)."""
-        return self.ready_all((key,))[0]
+        self.ready_all((key,))
+        return self.cache.block(key)
 
-    def ready_all(self, keys: Sequence[ObjectKey]) -> list[torch.Tensor]:
-        """Each key's slot row, once the compute stream will see its bytes: it waits only on these copies, and
-        their stall is measured once for all of them (one pair of timing events, not one per key)."""
+    def ready_all(self, keys: Sequence[ObjectKey]) -> None:
+        """Make the compute stream see every key's bytes: it waits only on these copies, and their stall is
+        measured once for all of them (one pair of timing events, not one per key). No rows are built: a
+        grouped wave reads its slots by index (building a view per key costs the decode host microseconds)."""
         waiting = []
         for key in keys:
             handle = self._loads.get(key)
@@ -219,12 +226,12 @@ class Prefetcher:
                 handle.wait()
                 self._land(key)
             self.stats.stall_s += time.perf_counter() - began
-        return [self.cache.block(key) for key in keys]
 
     # ---- prefetch --------------------------------------------------------------------------
     def prefetch(self, context: RouteContext, tick: int, needed_now: frozenset[ObjectKey] = frozenset()) -> int:
         """Predict the ``distance`` layers after ``context.layer``, publish the scores (for the ``predicted``
-        eviction policy) and load the best within budget; returns the loads issued."""
+        eviction policy) and load the best within budget; returns the loads issued. When the link window
+        admits nothing, nothing is predicted and the target layers' scores are forgotten."""
         distance = self.config.distance
         if self.predictor is None or distance == 0:
             return 0
@@ -232,6 +239,15 @@ class Prefetcher:
         # now, so never victims) or prefetches; the next demand lands them all (measured: about 30 us per
         # layer on the H100 host for objects that nothing here needs to see as resident)
         num_layers = len(self.homes.layers)
+        targets = [self.homes.key_at((context.layer + d) % num_layers, 0) for d in range(1, distance + 1)]
+        objects = self._admitted()  # before predicting: a decision that admits nothing skips the prediction
+        if objects == 0 and self.config.objects_per_layer > 0:
+            self.stats.predictions_skipped += 1
+            if self.predictions is not None:  # no stale ranking: the policy ranks these layers by recency
+                for first in targets:
+                    self.predictions.forget(first)
+            return self._prefetched(0)
+        began = time.perf_counter()
         scores = np.asarray(self.predictor.predict(context, distance))
         self.phases.lap("predict")
         expected = (distance, context.batch_size, context.num_experts)
@@ -240,25 +256,33 @@ class Prefetcher:
                 f"prefetch: predictor {type(self.predictor).__name__} returned scores of shape {scores.shape}; the "
                 f"Predictor protocol requires [distance, batch, experts] = {list(expected)}"
             )
+        per_target = [scores[d].sum(axis=0) for d in range(distance)]
+        if self.predictions is not None:
+            per_target = [self.predictions.publish(first, per_object) for first, per_object in zip(targets, per_target)]
+        if self.window is not None and objects > 0:
+            self.window.predicted(time.perf_counter() - began)
         issued = 0
-        for d in range(1, distance + 1):
-            first = self.homes.key_at((context.layer + d) % num_layers, 0)
-            per_object = scores[d - 1].sum(axis=0)
-            if self.predictions is not None:
-                per_object = self.predictions.publish(first, per_object)
+        for d, (first, per_object) in enumerate(zip(targets, per_target)):
             if self.config.objects_per_layer > 0:
-                issued += self._apply_prefetch(first, per_object, tick, needed_now)
+                # the first target's admission was decided above; a later one's sees the copies queued since
+                issued += self._apply_prefetch(first, per_object, tick, needed_now, objects if d == 0 else None)
         return issued
 
-    def _apply_prefetch(self, first: ObjectKey, per_object: np.ndarray, tick: int,
-                        needed_now: frozenset[ObjectKey]) -> int:
-        """Plan and issue the prefetch of ``first``'s layer, whose object ``i`` has ``per_object[i]``: the
-        rule of ``plan_prefetch``, ranked on the slot group's arrays (``GroupState``)."""
-        group = self.cache.group_of(first)
+    def _admitted(self) -> int:
+        """How many objects the link window lets the next prefetch load (``objects_per_layer`` without one)."""
         objects = self.config.objects_per_layer
-        if self.window is not None:
+        if self.window is not None and objects > 0:
             objects = self.window.admitted(self._object_bytes, objects, self.precision.value, self.regret.value)
             self.stats.prefetch_capped += objects < self.config.objects_per_layer
+        return objects
+
+    def _apply_prefetch(self, first: ObjectKey, per_object: np.ndarray, tick: int,
+                        needed_now: frozenset[ObjectKey], objects: int | None) -> int:
+        """Plan and issue the prefetch of ``first``'s layer, whose object ``i`` has ``per_object[i]``, loading at
+        most ``objects`` (None: ask the link window now): the rule of ``plan_prefetch``, ranked on the slot
+        group's arrays (``GroupState``)."""
+        group = self.cache.group_of(first)
+        objects = self._admitted() if objects is None else objects
         if objects == 0:
             return self._prefetched(0)
         state = self.cache.groups[group]

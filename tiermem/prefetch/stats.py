@@ -22,6 +22,7 @@ class PrefetchStats:
     demand_bytes: int = 0
     prefetch_bytes: int = 0
     prefetch_capped: int = 0  # prefetch plans cut short by the link window
+    predictions_skipped: int = 0  # prefetch decisions whose window admitted nothing, so nothing was predicted
     bytes_by_tier: Counter = field(default_factory=Counter)  # source tier -> bytes copied to HBM
     stall_s: float = 0.0
 

@@ -33,9 +33,17 @@ is free, a layer that hit everything (the GPU soon waits for the host) only what
 time. The prefetch's own host time is kept out of ``host``: counting it would grow the window with
 every object admitted (a slow host would then prefetch ever more).
 
+The prediction itself is host time too, paid once per decision that admits anything (``f``, measured per
+prediction): admission is decided before predicting, and a decision that admits nothing skips the
+prediction. So ``k`` objects cost ``H(k) = f + k h`` (``H(0) = 0``) of host time, of which
+``busy(k) = max(0, H(k) - slack)`` delays the demand, and the window admits the ``k`` that maximises
+``k (p - q) t - spill(k) - busy(k)`` (``spill(k) = max(0, k t - free)``), the smallest such ``k`` on a tie:
+with ``f = 0`` that is the per-object rule above; with ``f > 0`` a host-bound layer admits nothing unless
+its objects together pay for the prediction.
+
 Invariants: nothing is admitted until one host time has been measured (no blind prefetch); the free time
 never goes negative; bytes already queued (demand or prefetch, of this layer or earlier ones) count
-against it; admitted objects are a prefix of the candidates (spill and host cost never shrink with ``i``).
+against it; admitted objects are a prefix of the candidates in score order (the window picks a count).
 """
 
 from __future__ import annotations
@@ -58,10 +66,12 @@ class LinkWindow:
     # own planning and submits excepted; None until measured
     tail_s: float = 0.0  # average wait for the next routing that the backlog at the decision does not explain
     object_host_s: float = 0.0  # average host time to plan and submit one prefetched object
+    predict_s: float = 0.0  # average host time of one prediction (``predicted``); 0 until one is measured
     _busy_until_s: float = 0.0  # when the link will have moved every byte queued so far
     _decided_s: float | None = None  # host time of the last prefetch decision, until the next demand measures it
     _decided_backlog_s: float = 0.0  # the link's backlog at that decision
     _prefetch_s: float = 0.0  # host time the last decision's own prefetch took (``prefetched``)
+    _predicted_s: float = 0.0  # host time of the prediction made since the last decision (not per object)
 
     def layer_started(self, now_s: float | None = None, routing_wait_s: float = 0.0) -> None:
         """A layer's routing is known and its demand comes now, after the host waited ``routing_wait_s`` for that
@@ -83,7 +93,14 @@ class LinkWindow:
             return
         self._prefetch_s = max(0.0, now_s - self._decided_s)
         if count > 0:
-            self.object_host_s = (1 - self.smoothing) * self.object_host_s + self.smoothing * self._prefetch_s / count
+            per_object_s = max(0.0, self._prefetch_s - self._predicted_s) / count
+            self.object_host_s = (1 - self.smoothing) * self.object_host_s + self.smoothing * per_object_s
+
+    def predicted(self, seconds: float) -> None:
+        """The last decision admitted objects and predicting them took ``seconds`` of host time (``predict_s``)."""
+        self._predicted_s = seconds
+        self.predict_s = seconds if self.predict_s == 0.0 else (1 - self.smoothing) * self.predict_s + \
+            self.smoothing * seconds
 
     def queued(self, nbytes: int, now_s: float | None = None) -> None:
         """``nbytes`` of copies were submitted (demand or prefetch): they occupy the link after the backlog."""
@@ -97,22 +114,21 @@ class LinkWindow:
         again with probability ``regret``; marks a prefetch decision."""
         now_s = time.perf_counter() if now_s is None else now_s
         backlog_s = max(0.0, self._busy_until_s - now_s)
-        self._decided_s, self._decided_backlog_s, self._prefetch_s = now_s, backlog_s, 0.0
+        self._decided_s, self._decided_backlog_s, self._prefetch_s, self._predicted_s = now_s, backlog_s, 0.0, 0.0
         if self.host_s is None:
             return 0
         lead_s = max(self.host_s, backlog_s) + self.tail_s
         free_s = self.fill * max(0.0, lead_s - backlog_s)
         object_s = object_bytes / (self.bandwidth_gbps * 1e9)
-        pays_s = (precision - regret) * object_s  # expected link time saved, before any spill
-        each_s, slack_s = self.object_host_s, lead_s - self.host_s  # host time per object, and the host's slack
-        count = 0
-        while count < max_objects and pays_s > 0.0:
-            spill_s = max(0.0, (count + 1) * object_s - free_s) - max(0.0, count * object_s - free_s)
-            busy_s = max(0.0, (count + 1) * each_s - slack_s) - max(0.0, count * each_s - slack_s)
-            if spill_s + busy_s > 0.0 and spill_s + busy_s >= pays_s:
-                break
-            count += 1
-        return count
+        pays_s = (precision - regret) * object_s  # expected link time saved per object, before any spill
+        slack_s = lead_s - self.host_s  # host time that is free: the host would wait for routing anyway
+        best, best_gain_s = 0, 0.0
+        for count in range(1, max_objects + 1) if pays_s > 0.0 else ():
+            host_s = self.predict_s + count * self.object_host_s
+            gain_s = count * pays_s - max(0.0, count * object_s - free_s) - max(0.0, host_s - slack_s)
+            if gain_s > best_gain_s:
+                best, best_gain_s = count, gain_s
+        return best
 
 
 class NextDemandShare:

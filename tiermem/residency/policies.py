@@ -158,14 +158,14 @@ def priority_array(policy: EvictionPolicy, keys: Sequence[ObjectKey], first: Map
     if type(policy) is LruPolicy:
         return last_use
     if type(policy) is PredictedPolicy:
-        if len(first) == 1:  # one layer (a per-layer group): its published array as it is
-            published = policy.predictions.layer(keys[0])
-            if published is not None and published.size == len(keys):
-                return published
-        priority = np.zeros(len(keys), np.float64)
         starts = sorted(first.values()) + [len(keys)]
-        for start, end in itertools.pairwise(starts):
-            published = policy.predictions.layer(keys[start])
+        layers = [policy.predictions.layer(keys[start]) for start in starts[:-1]]
+        if all(published is None for published in layers):  # nothing predicted: every priority 0, so recency
+            return last_use  # alone orders them (the tie-break), exactly as the last use itself does
+        if len(layers) == 1 and layers[0].size == len(keys):  # one layer (a per-layer group): its array as it is
+            return layers[0]
+        priority = np.zeros(len(keys), np.float64)
+        for (start, end), published in zip(itertools.pairwise(starts), layers):
             if published is not None:
                 count = min(end - start, published.size)
                 priority[start:start + count] = published[:count]

@@ -100,6 +100,14 @@ class PredictionScores:
                 del self._scores[key]
         return values
 
+    def forget(self, first: ObjectKey) -> None:
+        """Drop every score of ``first``'s table layer: its objects are unpredicted again (score 0.0)."""
+        layer = (first.kind, first.table, first.layer)
+        with self._lock:
+            self._layers.pop(layer, None)
+            for key in [k for k in self._scores if (k.kind, k.table, k.layer) == layer]:
+                del self._scores[key]
+
     def layer(self, first: ObjectKey) -> np.ndarray | None:
         """The published scores of ``first``'s table layer (read-only view), or None if none was published."""
         values = self._layers.get((first.kind, first.table, first.layer))
