@@ -1,8 +1,9 @@
 """``tiermem bench moe``: replay routing traces through real-shaped expert layers, offloaded vs all in HBM.
 
 For each workload (expert shape x routing trace), resident fraction and decode batch, one run per
-mode (``--rounds N``: N runs per offloaded mode, the modes interleaved, each reporting its median
-round with every round's tokens/s beside it), all in one process, on the same store and steps:
+mode (``--rounds N``: N runs per offloaded mode, interleaved in an order rotated each round, each
+reporting its median round with every round's tokens/s beside it), all in one process, on the same
+store and steps:
 
 | mode      | what                                                                           |
 |-----------|--------------------------------------------------------------------------------|
@@ -119,7 +120,7 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
                 "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
-                "prefetch_capped", "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes",
+                "prefetch_capped", "predictions_skipped", "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes",
                 "demand_bytes", "host_us_per_layer", "graphs_captured", "graph_replays")}}
 
 
@@ -245,11 +246,13 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
                 emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": 1.0, **compute_only})
             for fraction in args.fractions:
                 rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes if m != "all_hbm"}
-                for _ in range(args.rounds):  # modes interleaved, so host jitter falls on every mode alike
-                    for mode, done in rounds.items():
-                        done.append(run_mode(store, work, steps, mode=mode, fraction=fraction, batch=batch,
-                                             device=device, prefetch=prefetch, compute=compute,
-                                             cuda_graphs=args.cuda_graphs, predictor=predictor))
+                modes = list(rounds)
+                for r in range(args.rounds):  # modes interleaved and rotated: each leads a round in turn, so host
+                    # jitter, and a drift within a round, fall on every mode alike
+                    for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                        rounds[mode].append(run_mode(store, work, steps, mode=mode, fraction=fraction, batch=batch,
+                                                     device=device, prefetch=prefetch, compute=compute,
+                                                     cuda_graphs=args.cuda_graphs, predictor=predictor))
                 runs = {mode: median_run(done) for mode, done in rounds.items()}
                 for run in runs.values():
                     emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": fraction,
@@ -298,7 +301,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictor", choices=PREDICTORS.names(), default="cooccurrence",
                         help="tiermem mode's predictor, fitted on the other half of the sequences of each row")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="runs per offloaded mode, interleaved; each mode reports its median-tokens/s round")
+                        help="runs per offloaded mode, interleaved in an order rotated each round; each mode "
+                             "reports its median-tokens/s round")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="launch every grouped layer eagerly instead of replaying its CUDA graph (every mode)")
 
