@@ -11,9 +11,11 @@ from tiermem.experts.sources import ModuleExperts
 from tiermem.experts.store import ExpertStore
 from tiermem.manager import TierManager
 from tiermem.predict.base import RouteContext
+from tiermem.prefetch import planner
 from tiermem.prefetch.prefetcher import PrefetchConfig, Prefetcher
 from tiermem.prefetch.stats import HostPhases
 from tiermem.prefetch.window import LinkWindow
+from tiermem.residency import groups
 from tiermem.residency.policies import PolicySignals
 from tiermem.residency.signals import ActivationCounts, PredictionScores
 from tiermem.residency.slots import SlotLayout
@@ -322,4 +324,18 @@ def test_the_regret_estimate_rises_when_the_next_demand_wants_an_object_a_prefet
     assert prefetcher.regret.value == 0.0
     _serve(prefetcher, store, 1, [5], tick=2)  # the next demand wants 5 back
     assert prefetcher.regret.value > 0.0
+    manager.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predicted"])
+def test_every_kernel_a_decode_calls_is_compiled_before_it_starts(fused_experts, policy):
+    kernels = (groups.evictable_places, planner.plan_group_prefetch, planner.pair_victims)
+    manager, store, _, prefetcher = _setup(fused_experts, slots=2, policy=policy, predictor=FixedScores([3, 5]))
+    compiled = [len(kernel.signatures) for kernel in kernels]
+    for tick in range(6):  # demands that evict, and prefetches that evict (scored, and unscored layers)
+        _serve(prefetcher, store, tick % 2, [tick % NUM_EXPERTS, (tick + 2) % NUM_EXPERTS], tick)
+        prefetcher.prefetch(_context(tick % 2), tick)
+        if tick == 3:
+            prefetcher.predictions.forget(store.key(1, 0))
+    assert [len(kernel.signatures) for kernel in kernels] == compiled  # a first compile mid-decode takes ~1 s
     manager.close()

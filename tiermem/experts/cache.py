@@ -26,7 +26,7 @@ import torch
 from tiermem.errors import ConfigError
 from tiermem.experts.layout import ExpertLayout
 from tiermem.residency.directory import Directory, DirectorySnapshot
-from tiermem.residency.groups import ABSENT, IN_FLIGHT, NO_PLACES, RESIDENT, GroupState, evictable_places
+from tiermem.residency.groups import ABSENT, IN_FLIGHT, NO_PLACES, RESIDENT, GroupState, compile_now, evictable_places
 from tiermem.residency.policies import CacheEntry, PolicySignals, make_policy, priority_array
 from tiermem.residency.slots import SlotLayout, SlotPool
 from tiermem.types import ObjectKey
@@ -64,6 +64,7 @@ class ExpertCache:
         self._in_flight: list[set[ObjectKey]] = [set() for _ in range(num_groups)]
         self.groups = [GroupState.of([(layer, tuple(k)) for layer, k in zip(self.layers, keys)
                                       if self._group[layer] == group]) for group in range(num_groups)]
+        compile_now()  # the eviction ranking, compiled here rather than at a decode's first eviction
 
     @property
     def num_groups(self) -> int:

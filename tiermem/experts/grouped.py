@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,6 +78,12 @@ def wave_rows(expert_of_pair: np.ndarray, slot_of_expert: np.ndarray, num_slots:
     pairs, offsets = _counting_sort(np.ascontiguousarray(expert_of_pair, dtype=np.int64),
                                     np.ascontiguousarray(slot_of_expert, dtype=np.int64), num_slots)
     return WaveRows(pairs, offsets)
+
+
+@functools.cache
+def compile_now() -> None:
+    """Compile (or load from numba's cache) ``wave_rows``' kernel now, not in a decode's first layer."""
+    wave_rows(np.zeros(1, np.int64), np.zeros(1, np.int64), 1)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -33,7 +33,7 @@ from tiermem.errors import CapacityError, ConfigError
 from tiermem.experts.cache import ExpertCache
 from tiermem.experts.compute import combine, expert_output, route
 from tiermem.experts.graphs import WaveGraphs
-from tiermem.experts.grouped import SlotWeights, pair_buffer, run_wave, sum_pairs, wave_rows
+from tiermem.experts.grouped import SlotWeights, compile_now, pair_buffer, run_wave, sum_pairs, wave_rows
 from tiermem.experts.routes import RouteTracker
 from tiermem.experts.store import ExpertStore
 from tiermem.predict.base import Predictor, RouteContext
@@ -120,6 +120,7 @@ class ExpertRuntime:
         self.compute = config.compute or ExpertCompute.LOOP
         self._slot_weights: list[SlotWeights] = []
         if self.compute is ExpertCompute.GROUPED:
+            compile_now()  # the wave's row sort, compiled here rather than in a decode's first layer
             per_group = self.cache.pool.slots_per_group
             self._slot_weights = [SlotWeights.of(store.layout, self.cache.memory[g * per_group:(g + 1) * per_group])
                                   for g in range(self.cache.num_groups)]

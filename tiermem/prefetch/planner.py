@@ -15,6 +15,7 @@ Invariants of every plan (tested):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -187,3 +188,11 @@ def plan_group_prefetch(scores: np.ndarray, state: np.ndarray, victims: np.ndarr
             victim_scores[v] = scores[place]
     loads, evicted = pair_victims(scores[chosen[:wanted]].astype(np.float64), victim_scores, free_slots)
     return chosen[:loads] + base, victims[evicted]
+
+
+@functools.cache
+def compile_now() -> None:
+    """Compile (or load from numba's cache) the prefetch planners' kernels now, not at a decode's first prefetch
+    (a first compile takes about a second): ``plan_group_prefetch`` on float64 scores, ``pair_victims``."""
+    plan_group_prefetch(np.zeros(1, np.float64), np.zeros(1, np.int8), np.zeros(0, np.int64), 0, 0.0, 1, 1)
+    pair_victims(np.zeros(1, np.float64), np.zeros(0, np.float64), 1)

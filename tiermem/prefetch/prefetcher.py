@@ -72,7 +72,7 @@ from tiermem.errors import ConfigError
 from tiermem.manager import TierManager
 from tiermem.predict.base import Predictor, RouteContext
 from tiermem.prefetch.copies import SlotCopies
-from tiermem.prefetch.planner import plan_demand, plan_group_prefetch
+from tiermem.prefetch.planner import compile_now, plan_demand, plan_group_prefetch
 from tiermem.prefetch.ports import Homes, SlotCache
 from tiermem.prefetch.stats import HostPhases, PrefetchStats
 from tiermem.prefetch.window import LinkWindow, NextDemandShare
@@ -144,6 +144,8 @@ class Prefetcher:
         self._object_bytes = int(homes.home(first).numel())
         link_gbps = config.link_gbps or manager.tier(homes.tier_of(first)).link.bandwidth_gbps
         self.window = LinkWindow(link_gbps, config.link_fill) if config.link_fill is not None else None
+        if predictor is not None:
+            compile_now()  # the planners' kernels, compiled here rather than at a decode's first prefetch
 
     # ---- demand ----------------------------------------------------------------------------
     def demand(self, keys: Sequence[ObjectKey], tick: int, routing_wait_s: float = 0.0) -> Iterator[list[ObjectKey]]:
@@ -256,7 +258,7 @@ class Prefetcher:
                 f"prefetch: predictor {type(self.predictor).__name__} returned scores of shape {scores.shape}; the "
                 f"Predictor protocol requires [distance, batch, experts] = {list(expected)}"
             )
-        per_target = [scores[d].sum(axis=0) for d in range(distance)]
+        per_target = [scores[d].sum(axis=0, dtype=np.float64) for d in range(distance)]  # the planners' dtype
         if self.predictions is not None:
             per_target = [self.predictions.publish(first, per_object) for first, per_object in zip(targets, per_target)]
         if self.window is not None and objects > 0:

@@ -12,6 +12,7 @@ object; ``pins`` counts the pins users hold (the directory also treats in-flight
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numba
@@ -69,3 +70,17 @@ def evictable_places(state: np.ndarray, pins: np.ndarray, last_use: np.ndarray, 
     places = np.sort(places[:count])
     places = places[np.argsort(last_use[places], kind="mergesort")]
     return places[np.argsort(priority[places], kind="mergesort")]
+
+
+@functools.cache
+def compile_now() -> None:
+    """Compile (or load from numba's cache) ``evictable_places`` for each priority a cache passes, now rather
+    than at the first eviction of a decode (a first compile takes about a second): int64 last uses (lru, and
+    a group without predictions), writable float64 (lfu, a shared group's predictions) and the read-only
+    float64 a per-layer group's published predictions are."""
+    state, pins, last_use = np.zeros(1, np.int8), np.zeros(1, np.int32), np.zeros(1, np.int64)
+    published = np.zeros(1, np.float64)
+    read_only = published.view()
+    read_only.flags.writeable = False
+    for priority in (last_use, published, read_only):
+        evictable_places(state, pins, last_use, priority, NO_PLACES)
