@@ -44,14 +44,14 @@ class SetScores:
 def _build(policy: str, slots: int, slot_layout: SlotLayout, objects: int):
     manager = TierManager.from_config({"tiers": [{"kind": "sim", "capacity_bytes": "4MiB", "arena_bytes": "1MiB"}]})
     store = ExpertStore.from_source(manager, ModuleExperts(dict.fromkeys(LAYERS, FusedExperts())), tier="sim")
-    predictions, predictor = PredictionScores(), SetScores()
+    counts, predictions, predictor = ActivationCounts(half_life_ticks=2.0), PredictionScores(), SetScores()
     keys = [tuple(store.key(layer, e) for e in range(NUM_EXPERTS)) for layer in LAYERS]
     cache = ExpertCache(layout=store.layout, layers=LAYERS, keys=keys, slots_per_group=slots, slot_layout=slot_layout,
                         device=torch.device("cpu"), policy=policy,
-                        signals=PolicySignals(counts=ActivationCounts(), predictions=predictions))
+                        signals=PolicySignals(counts=counts, predictions=predictions))
     prefetcher = Prefetcher(cache, store, manager, predictor=predictor, predictions=predictions,
                             config=PrefetchConfig(distance=1, objects_per_layer=objects, link_fill=None))
-    return manager, store, cache, prefetcher, predictor, predictions
+    return manager, store, cache, prefetcher, predictor, predictions, counts
 
 
 def _check_mirror(cache: ExpertCache) -> None:
@@ -101,11 +101,12 @@ steps = st.lists(st.tuples(st.sampled_from(["serve0", "serve1", "prefetch", "pre
 @settings(max_examples=60, deadline=None)
 def test_group_arrays_mirror_the_directory_and_plan_as_the_key_based_planners(policy, slot_layout, objects, ops):
     slots = TOP_K * 2 if slot_layout is SlotLayout.PER_LAYER else TOP_K * 4
-    manager, store, cache, prefetcher, predictor, predictions = _build(policy, slots, slot_layout, objects)
+    manager, store, cache, prefetcher, predictor, predictions, counts = _build(policy, slots, slot_layout, objects)
     try:
         for tick, (op, experts, scores) in enumerate(ops):
             values = np.array(scores)
             if op in ("serve0", "serve1"):
+                counts.record_many([(store.key(int(op[-1]), e), scores[e] * 10) for e in experts], tick)  # routed uses
                 for wave in prefetcher.demand([store.key(int(op[-1]), e) for e in sorted(experts)], tick):
                     prefetcher.ready_all(wave)  # lands them, as the runtime's compute does
                     _check_mirror(cache)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from tiermem.errors import ConfigError, RegistryError
@@ -17,6 +18,7 @@ from tiermem.residency import (
     eviction_order,
     make_policy,
 )
+from tiermem.residency.policies import priority_array
 from tiermem.types import ObjectKey
 
 K0, K1, K2, K3 = (ObjectKey("expert", "w", 0, i) for i in range(4))
@@ -61,6 +63,78 @@ def test_recording_a_layers_counts_at_once_equals_recording_them_one_by_one():
         at_once.record_many(uses, tick)
     assert [at_once.count(k) for k in (K0, K1, K2, K3)] == [one_by_one.count(k) for k in (K0, K1, K2, K3)]
     assert at_once.count(K0) == pytest.approx((8 * 0.5 + 1) * 0.25)
+
+
+@pytest.mark.parametrize("half_life", [None, 1.0, 2.5, 7.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_lfu_priority_array_equals_each_entrys_priority_and_tracking_keeps_the_counts(half_life, seed):
+    rng = np.random.default_rng(seed)
+    sizes = {2: 6, 5: 4}  # layer -> objects; a group holds layer 2 from place 0, layer 5 from place 6
+    keys = [ObjectKey("expert", "w", layer, i) for layer, size in sizes.items() for i in range(size)]
+    first, last_use = {2: 0, 5: 6}, rng.integers(0, 50, len(keys))
+    elsewhere = [ObjectKey("expert", "v", 2, 1), ObjectKey("expert", "w", 2, 9)]  # another table; past the layer
+    counts, untracked = ActivationCounts(half_life), ActivationCounts(half_life)  # the same uses, as a dict
+    policy = make_policy("lfu", PolicySignals(counts=counts))
+
+    def record(tick: int) -> None:
+        picked = [keys[i] for i in rng.choice(len(keys), 4, replace=False)] + elsewhere[:rng.integers(0, 3)]
+        uses = [(key, float(rng.integers(1, 5))) for key in picked]
+        counts.record_many(uses, tick)
+        untracked.record_many(uses, tick)
+
+    def priorities(group_keys, group_first):
+        return [policy.priority(entry(key, 0)) for key in group_keys], priority_array(
+            policy, group_keys, group_first, last_use[:len(group_keys)])
+
+    for tick in (0, 2, 4, 6, 8):
+        record(tick)
+    before = [counts.count(k) for k in keys + elsewhere]
+    counts.track(keys[0], sizes[2])
+    assert [counts.count(k) for k in keys + elsewhere] == before
+    assert priorities(keys, first)[1] is None  # layer 5 is not tracked: the caller asks per entry
+    counts.track(keys[6], 2)
+    assert priorities(keys, first)[1] is None  # nor is all of it
+    counts.track(keys[6], sizes[5])
+    assert [counts.count(k) for k in keys + elsewhere] == before
+    for tick in range(9, 21):
+        if rng.random() < 0.7:
+            record(tick)
+        for group_keys, group_first in ((keys, first), (keys[:6], {2: 0})):  # a shared group; one layer's group
+            expected, priority = priorities(group_keys, group_first)
+            assert priority.dtype == np.float64 and priority.flags.writeable
+            assert np.array_equal(priority, expected)
+        assert np.allclose(priorities(keys, first)[1], [untracked.count(k) for k in keys], rtol=1e-12, atol=0)
+    counts.reset()
+    assert np.array_equal(priorities(keys, first)[1], np.zeros(len(keys)))
+
+
+def test_a_large_tracked_layer_reads_bit_for_bit_as_its_keys_before_and_after_tracking():
+    rng = np.random.default_rng(0)  # 256 objects of many ages: a last-ulp difference of two exp2s would show
+    counts = ActivationCounts(half_life_ticks=7.3)
+    policy = make_policy("lfu", PolicySignals(counts=counts))
+    keys = [ObjectKey("expert", "w", 4, i) for i in range(256)]
+
+    def record(ticks: range) -> None:
+        for tick in ticks:
+            counts.record_many([(keys[i], 1.0 + tick % 3) for i in rng.choice(256, 16, replace=False)], tick)
+
+    record(range(60))
+    before = [counts.count(k) for k in keys]
+    counts.track(keys[0], 256)
+    assert [counts.count(k) for k in keys] == before
+    record(range(60, 90))
+    priority = priority_array(policy, keys, {4: 0}, np.zeros(256, np.int64))
+    assert priority.tolist() == [policy.priority(entry(k, 0)) for k in keys]
+
+
+def test_a_tracked_count_recorded_at_the_latest_tick_is_not_decayed():
+    counts = ActivationCounts(half_life_ticks=3)
+    counts.track(K0, 4)
+    counts.record(K0, tick=0, uses=8)
+    counts.record_many([(K1, 3), (K2, 1.5)], tick=5)
+    assert counts.layer_counts(K0).tolist() == [counts.count(K0), 3.0, 1.5, 0.0]
+    assert counts.count(K0) == pytest.approx(8 * 0.5 ** (5 / 3))
+    assert counts.layer_counts(ObjectKey("expert", "w", 1, 0)) is None
 
 
 def test_predicted_policy_evicts_the_lowest_predicted_score_first():

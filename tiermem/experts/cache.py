@@ -53,6 +53,9 @@ class ExpertCache:
         self.directory = Directory(self.pool.num_slots)
         self.policy_name = policy
         self.policy = make_policy(policy, signals)
+        if signals.counts is not None:
+            for layer_keys in keys:
+                signals.counts.track(layer_keys[0], len(layer_keys))
         self.memory = torch.empty((self.pool.num_slots, layout.block_bytes), dtype=torch.uint8, device=device)
         # with its index ("cuda:0", not "cuda"): torch.cuda.current_stream(device) then skips a device query
         # that costs ~9 us per call, and the prefetcher asks for it several times per layer
@@ -120,7 +123,7 @@ class ExpertCache:
 
     def _priorities(self, group: int) -> np.ndarray:
         """The policy's priority of every place of the group that is resident (others are arbitrary): the
-        policy's own array where it has one (lru, predicted), else asked once per resident object."""
+        policy's own array where it has one (lru, predicted, lfu), else asked once per resident object."""
         state = self.groups[group]
         priority = priority_array(self.policy, state.keys, state.first, state.last_use)
         if priority is None:

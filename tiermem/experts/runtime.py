@@ -1,6 +1,6 @@
 """``ExpertRuntime``: runs one MoE layer's experts out of an ``ExpertStore`` through an HBM ``ExpertCache``.
 
-Per layer: group tokens by expert -> record the routing (tracker, activation counts) -> demand the
+Per layer: group tokens by expert -> record the routing (tracker; activation counts for LFU) -> demand the
 hit experts (misses are fetched now, in one submit per wave, waves if the slot group is too small) ->
 compute -> predict and prefetch the next layers. Two ways to compute, chosen by ``compute``:
 
@@ -106,6 +106,7 @@ class ExpertRuntime:
         self.config = config
         self.top_k = top_k
         self.counts = ActivationCounts(config.lfu_half_life_steps * num_layers if config.lfu_half_life_steps else None)
+        self._record_counts = policy == "lfu"  # the one policy that reads them: others skip the per-layer update
         predictions = PredictionScores()
         self._keys = {layer: tuple(store.key(layer, e) for e in range(store.num_experts)) for layer in store.layers}
         self.cache = ExpertCache(
@@ -179,7 +180,7 @@ class ExpertRuntime:
 
     def _record_routing(self, layer: int, index: np.ndarray,
                         router_input: torch.Tensor) -> tuple[RouteContext, int, dict[ObjectKey, int]]:
-        """Record layer ``layer``'s routing ``[T, K]`` (tracker, activation counts); returns the predictors'
+        """Record layer ``layer``'s routing ``[T, K]`` (tracker; activation counts for LFU); returns the predictors'
         context (``hidden``: the router's input as the model computed it, gain of the norm included), the
         tick and the hit experts' keys -> expert ids, in ascending expert order."""
         num_experts = self.store.num_experts
@@ -190,7 +191,8 @@ class ExpertRuntime:
         layer_keys = self._keys[layer]
         expert_of = {layer_keys[e]: e for e in experts.tolist()}
         self.phases.lap("route")
-        self.counts.record_many(zip(expert_of, uses[experts].tolist()), tick)
+        if self._record_counts:
+            self.counts.record_many(zip(expert_of, uses[experts].tolist()), tick)
         self.phases.lap("stats")
         return context, tick, expert_of
 

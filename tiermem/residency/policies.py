@@ -152,25 +152,38 @@ def make_policy(name: str, signals: PolicySignals, options: Mapping[str, Any] | 
 def priority_array(policy: EvictionPolicy, keys: Sequence[ObjectKey], first: Mapping[int, int],
                    last_use: np.ndarray) -> np.ndarray | None:
     """Every object's priority in one slot group as an array (``keys[i]`` at place ``i``; a layer's objects
-    from place ``first[layer]``), where the policy's priority already is one: ``lru`` (the last use) and
-    ``predicted`` (the published scores of each layer, 0 where none were). None for the others: their
-    caller asks ``priority`` per entry. Equal, object for object, to what ``priority`` returns."""
+    from place ``first[layer]``), where the policy's priority already is one: ``lru`` (the last use),
+    ``predicted`` (the published scores of each layer, 0 where none were) and ``lfu`` (each layer's tracked
+    activation counts). None for the others, and for ``lfu`` when a layer's counts are not tracked in full:
+    their caller asks ``priority`` per entry. Equal, object for object, to what ``priority`` returns."""
     if type(policy) is LruPolicy:
         return last_use
+    starts = sorted(first.values()) + [len(keys)]
     if type(policy) is PredictedPolicy:
-        starts = sorted(first.values()) + [len(keys)]
         layers = [policy.predictions.layer(keys[start]) for start in starts[:-1]]
         if all(published is None for published in layers):  # nothing predicted: every priority 0, so recency
             return last_use  # alone orders them (the tie-break), exactly as the last use itself does
-        if len(layers) == 1 and layers[0].size == len(keys):  # one layer (a per-layer group): its array as it is
-            return layers[0]
-        priority = np.zeros(len(keys), np.float64)
-        for (start, end), published in zip(itertools.pairwise(starts), layers):
-            if published is not None:
-                count = min(end - start, published.size)
-                priority[start:start + count] = published[:count]
-        return priority
+        return _by_layer(starts, layers)
+    if type(policy) is LfuPolicy:
+        layers = [policy.counts.layer_counts(keys[start]) for start in starts[:-1]]
+        if any(counts is None or counts.size < end - start
+               for (start, end), counts in zip(itertools.pairwise(starts), layers)):
+            return None
+        return _by_layer(starts, layers)
     return None
+
+
+def _by_layer(starts: Sequence[int], layers: Sequence[np.ndarray | None]) -> np.ndarray:
+    """One group's priority from each layer's array (``layers[i]`` for the places ``starts[i]`` up to
+    ``starts[i + 1]``; 0 past a short array's end or where it is None); a single layer's array as it is."""
+    if len(layers) == 1 and layers[0] is not None and layers[0].size == starts[1]:
+        return layers[0]
+    priority = np.zeros(starts[-1], np.float64)
+    for (start, end), values in zip(itertools.pairwise(starts), layers):
+        if values is not None:
+            count = min(end - start, values.size)
+            priority[start:start + count] = values[:count]
+    return priority
 
 
 def eviction_order(entries: Iterable[CacheEntry], policy: EvictionPolicy) -> list[ObjectKey]:

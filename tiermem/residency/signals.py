@@ -5,7 +5,9 @@ records activations, the prefetcher publishes predictions, the simulator advance
 They outlive residency: an expert evicted and loaded again keeps its counts (as in MoE-Infinity).
 
 Invariants: every signal is keyed by opaque ``ObjectKey``s; unknown keys read as "no evidence"
-(count 0, score 0, never used again); ``ActivationCounts`` and ``PredictionScores`` are thread-safe.
+(count 0, score 0, never used again); ``ActivationCounts`` and ``PredictionScores`` are thread-safe;
+a table layer they keep as one array (``ActivationCounts.track``, ``PredictionScores.publish``) reads,
+object for object, exactly what its keys read one at a time.
 """
 
 from __future__ import annotations
@@ -21,12 +23,29 @@ from tiermem.errors import ConfigError
 from tiermem.types import ObjectKey
 
 
+class _TrackedLayer:
+    """The counts of one tracked table layer: ``counts[i]`` (float64) as of tick ``ticks[i]`` (int64) for the
+    object of index ``i``; ``count_at`` and ``tick_at`` view the same memory and read or write one object
+    several times faster than numpy's scalar indexing (``record`` runs once per routed expert)."""
+
+    __slots__ = ("count_at", "counts", "tick_at", "ticks")
+
+    def __init__(self, counts: np.ndarray, ticks: np.ndarray) -> None:
+        self.counts, self.ticks = counts, ticks
+        self.count_at, self.tick_at = memoryview(counts), memoryview(ticks)
+
+
 class ActivationCounts:
     """How often each object was used, optionally decayed with a half-life measured in ticks.
 
     With ``half_life_ticks=None`` counts are plain totals. Otherwise a use at tick ``u`` weighs
     ``0.5 ** ((now - u) / half_life_ticks)`` where ``now`` is the latest tick recorded, so old
     popularity fades; each count is stored as of its last update and decayed on read (O(1) per use).
+
+    A table layer registered with ``track`` keeps its objects' counts in two arrays (``counts[i]`` and
+    ``ticks[i]`` are the object of index ``i``), so ``layer_counts`` decays a whole layer with a few vector
+    operations; other keys live in a dict. ``count`` of a tracked key reads the same decayed array, so the
+    two agree bit for bit.
     """
 
     def __init__(self, half_life_ticks: float | None = None) -> None:
@@ -35,36 +54,91 @@ class ActivationCounts:
         self.half_life_ticks = half_life_ticks
         self._lock = threading.Lock()
         self._counts: dict[ObjectKey, tuple[float, int]] = {}  # key -> (count as of tick, tick)
+        self._layers: dict[tuple[str, str, int], _TrackedLayer] = {}
         self._now = 0
+
+    def track(self, first: ObjectKey, size: int) -> None:
+        """Keep the counts of ``first``'s table layer, indices ``0 <= index < size``, as arrays from now on;
+        counts recorded so far are kept (a layer registered again keeps its arrays, grown to ``size``)."""
+        layer = (first.kind, first.table, first.layer)
+        with self._lock:
+            old = self._layers.get(layer)
+            kept = 0 if old is None else old.counts.size
+            counts = np.zeros(max(size, kept), np.float64)
+            ticks = np.full(counts.size, self._now, np.int64)
+            if old is not None:
+                counts[:kept], ticks[:kept] = old.counts, old.ticks
+            for key in [k for k in self._counts if (k.kind, k.table, k.layer) == layer and 0 <= k.index < counts.size]:
+                counts[key.index] = self._decayed(key)  # at age 0: ``count`` reads the same float as before
+                del self._counts[key]
+            self._layers[layer] = _TrackedLayer(counts, ticks)
 
     def record(self, key: ObjectKey, tick: int, uses: float = 1.0) -> None:
         """Add ``uses`` activations of ``key`` at ``tick`` (ticks never go backwards)."""
         with self._lock:
             self._now = max(self._now, tick)
-            self._counts[key] = (self._decayed(key, self._now) + uses, self._now)
+            self._add(key, uses)
 
     def record_many(self, uses: Iterable[tuple[ObjectKey, float]], tick: int) -> None:
         """``record`` each ``(key, uses)`` pair at ``tick``, under one lock (a routed layer's experts at once)."""
         with self._lock:
             self._now = max(self._now, tick)
             for key, count in uses:
-                self._counts[key] = (self._decayed(key, self._now) + count, self._now)
+                self._add(key, count)
 
     def count(self, key: ObjectKey) -> float:
         """The (decayed) activation count of ``key`` as of the latest recorded tick."""
         with self._lock:
-            return self._decayed(key, self._now)
+            layer = self._layers.get((key.kind, key.table, key.layer))
+            if layer is not None and 0 <= key.index < layer.counts.size:
+                return float(self._decayed_layer(layer)[key.index])
+            return self._decayed(key)
+
+    def layer_counts(self, first: ObjectKey) -> np.ndarray | None:
+        """The (decayed) activation counts of ``first``'s table layer as of the latest recorded tick, as a new
+        float64 array (``[i]`` is the object of index ``i``, equal to its ``count``); None if it is not tracked."""
+        with self._lock:
+            layer = self._layers.get((first.kind, first.table, first.layer))
+            return None if layer is None else self._decayed_layer(layer)
 
     def reset(self) -> None:
+        """Forget every count and the clock; tracked layers stay tracked."""
         with self._lock:
             self._counts.clear()
+            for layer in self._layers.values():
+                layer.counts.fill(0.0)
+                layer.ticks.fill(0)
             self._now = 0
 
-    def _decayed(self, key: ObjectKey, now: int) -> float:
-        count, tick = self._counts.get(key, (0.0, now))
-        if self.half_life_ticks is None or tick == now:
+    def _add(self, key: ObjectKey, uses: float) -> None:
+        """Decay ``key``'s count to the latest tick and add ``uses``; the caller holds the lock."""
+        layer = self._layers.get((key.kind, key.table, key.layer))
+        index = key.index
+        if layer is not None and 0 <= index < len(layer.count_at):
+            layer.count_at[index] = self._decay(layer.count_at[index], layer.tick_at[index]) + uses
+            layer.tick_at[index] = self._now
+        else:
+            self._counts[key] = (self._decayed(key) + uses, self._now)
+
+    def _decayed(self, key: ObjectKey) -> float:
+        """An untracked key's count, decayed to the latest tick."""
+        count, tick = self._counts.get(key, (0.0, self._now))
+        return self._decay(count, tick)
+
+    def _decay(self, count: float, tick: int) -> float:
+        """``count`` stored as of ``tick``, decayed to the latest tick."""
+        if self.half_life_ticks is None or tick == self._now:
             return count
-        return count * math.exp2(-(now - tick) / self.half_life_ticks)
+        return count * math.exp2(-(self._now - tick) / self.half_life_ticks)
+
+    def _decayed_layer(self, layer: _TrackedLayer) -> np.ndarray:
+        """``_decay`` of a tracked layer's every count, as a new array (exp2 of an age of 0 is exactly 1). numpy's
+        exp2 may differ from ``math.exp2`` in the last bit, so ``count`` of a tracked key reads this array too."""
+        if self.half_life_ticks is None:
+            return layer.counts.copy()
+        decayed = np.exp2((layer.ticks - self._now) / self.half_life_ticks)
+        decayed *= layer.counts
+        return decayed
 
 
 class PredictionScores:
