@@ -25,24 +25,21 @@ Design note. One object (an expert) moves through these states::
   second load). Landing at the compute stream's wait is stream order, not host knowledge: every later
   use runs on that stream, and the slot's next copy waits on the wave's last-use event, both behind
   the copy; so a layer's second wave may evict its first without the host waiting for any copy.
-- The compute stream waits only on the objects it is about to use (``ready``: ``wait_on`` the one
-  handle), never on the whole copy stream. Copies are submitted from a side stream of the
-  prefetcher (the engine makes its copy streams wait on the stream passed as ``after``), so a copy waits for
-  exactly what it must: when a wave ends, an event recorded on the compute stream marks the last use
-  of its objects; evicting one hands that event to its slot, and the next copy into the slot waits
-  on it (no write while a kernel still reads the slot, and no wait on unrelated compute).
+- The compute stream waits only on the objects it is about to use (``ready_all``: once per submit all
+  of whose copies the wave uses, else per copy), never on the whole copy stream. Copies are submitted
+  from a side stream of the prefetcher (the engine makes its copy streams wait on the stream passed as
+  ``after``), so a copy waits for exactly what it must: a wave's end is an event on the compute stream,
+  the last use of its objects; evicting one hands that event to its slot (``SlotFences``), and the next
+  copy into the slot waits on it (no write while a kernel still reads the slot, no wait on unrelated
+  compute; one wait per stream per submit, since events on a stream complete in order).
 - Demand goes first: the prefetch copies of a layer wait for that layer's demand copies, so they
   share the link only with compute and with the next layer's CPU work, not with this layer's misses;
   they run on the engine's background streams, so the next layer's demand never queues behind them.
-- Prefetch is weighed against the demand it may delay: it is queued right after the layer's misses (so
-  it moves while the host launches compute), and one layer may prefetch the objects that finish before
-  the next layer's demand, plus one that overhangs it when its expected saving beats its expected
-  delay (``LinkWindow``: the predicted time to the next demand (measured host work, plus the wait for
-  routing that queued copies do not explain), minus the link time of every byte already queued,
-  times ``link_fill``; the chance of being right is the measured share of prefetched objects that the
-  next demand of their layer used, less the measured share of objects evicted by prefetch that it
-  wanted back; the host time of planning and submitting an object counts as delay where the host
-  would not otherwise wait, and so does the prediction, once per decision); it evicts only objects
+- Prefetch is weighed against the demand it may delay (``LinkWindow``, which has the model): queued
+  right after the layer's misses, a layer's prefetch may load what pays for its link time (what
+  overhangs the next demand delays it), its chance of being wrong (measured precision, and the
+  measured chance that the next demand wants back what it evicted) and its host time (planning,
+  submits and the prediction, where the host would not otherwise wait); it evicts only objects
   predicted lower than what it loads, and loads only objects whose expected uses exceed ``min_score``.
 - Admission is decided before predicting: a decision whose window admits nothing predicts nothing (no
   host time for a prediction no copy would use) and forgets the target layers' published scores, so
@@ -62,16 +59,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tiermem.config import option, require
 from tiermem.errors import ConfigError
 from tiermem.manager import TierManager
 from tiermem.predict.base import Predictor, RouteContext
+from tiermem.prefetch.config import PrefetchConfig
 from tiermem.prefetch.copies import SlotCopies
+from tiermem.prefetch.fences import SlotFences
 from tiermem.prefetch.planner import compile_now, plan_demand, plan_group_prefetch
 from tiermem.prefetch.ports import Homes, SlotCache
 from tiermem.prefetch.stats import HostPhases, PrefetchStats
@@ -84,46 +81,24 @@ from tiermem.types import ObjectKey
 log = logging.getLogger("tiermem.prefetch")
 
 
-@dataclass(frozen=True)
-class PrefetchConfig:
-    """How far ahead and how much the prefetcher loads after each routed layer."""
-
-    distance: int = option(1, help="MoE layers ahead to prefetch after each routed layer; 0 disables prefetch.")
-    objects_per_layer: int = option(4, help="Most objects one prefetch may load into one target layer.")
-    min_score: float = option(0.0, help="Load only objects whose summed predicted score (expected uses in the "
-                                        "batch) is above this.")
-    link_fill: float | None = option(1.0, help="Share of the link time left before the next layer's demand that "
-                                               "prefetch may count on (objects overhanging it are admitted by "
-                                               "their measured precision); None: no link cap (objects_per_layer "
-                                               "alone).")
-    link_gbps: float | None = option(None, help="Host-to-HBM bandwidth for the link cap; None: the source tier's "
-                                                "link profile.", unit="GB/s")
-
-    def __post_init__(self) -> None:
-        require(self.distance >= 0, self, f"distance must be >= 0, got {self.distance}")
-        require(self.objects_per_layer >= 0, self, f"objects_per_layer must be >= 0, got {self.objects_per_layer}")
-        require(self.link_fill is None or 0.0 < self.link_fill <= 1.0, self,
-                f"link_fill must be in (0, 1] or None, got {self.link_fill}")
-        require(self.link_gbps is None or self.link_gbps > 0, self, f"link_gbps must be > 0, got {self.link_gbps}")
-
-
 class Prefetcher:
     """Serves demands and prefetches predicted objects into ``cache`` from ``homes``."""
 
     def __init__(
-        self, cache: SlotCache, homes: Homes, manager: TierManager, *, config: PrefetchConfig = PrefetchConfig(),
+        self, cache: SlotCache, homes: Homes, manager: TierManager, *, config: PrefetchConfig | None = None,
         predictor: Predictor | None = None, predictions: PredictionScores | None = None,
         phases: HostPhases | None = None,
     ) -> None:
         self.cache = cache
         self.homes = homes
         self.manager = manager
-        self.config = config
+        self.config = config or PrefetchConfig()
         self.predictor = predictor
         self.predictions = predictions
         self.stats = PrefetchStats()
         self.phases = phases or HostPhases(enabled=False)
-        self._loads: dict[ObjectKey, TransferHandle] = {}
+        self._loads: dict[ObjectKey, TransferHandle] = {}  # key in flight -> its own copy's completion
+        self._submits: dict[ObjectKey, tuple[TransferHandle, frozenset[ObjectKey]]] = {}  # -> its whole submit
         self._unused_prefetches: set[ObjectKey] = set()
         # what the link window weighs: the chance that the next demand of its layer uses a prefetched object
         # (a neutral prior), and the chance that it wants back an object a prefetch evicted
@@ -135,8 +110,7 @@ class Prefetcher:
         # these, which wait on exactly what a copy must (its slot's last use; for prefetch, the demand)
         self._demand_gate = torch.cuda.Stream(device=self.cache.device) if self._cuda else None
         self._prefetch_gate = torch.cuda.Stream(device=self.cache.device) if self._cuda else None
-        self._last_use: dict[ObjectKey, torch.cuda.Event] = {}  # key -> event after its last queued use
-        self._slot_free: dict[int, torch.cuda.Event] = {}  # slot -> event after which it may be overwritten
+        self._fences = SlotFences()  # each slot's next copy waits for the last use of what it held
         self._layer_demands: list[TransferHandle] = []
         self._compute_stream: torch.cuda.Stream | None = None  # the current stream at the latest demand
         self._copies = SlotCopies(cache, homes, manager)
@@ -192,7 +166,7 @@ class Prefetcher:
                 if self._cuda and wave:
                     used = torch.cuda.Event()
                     used.record(self._compute_stream)
-                    self._last_use.update(dict.fromkeys(wave, used))
+                    self._fences.wave_ended(wave, self._compute_stream.cuda_stream, used)
                 self.cache.unpin(wave)
                 wave.clear()
 
@@ -202,32 +176,35 @@ class Prefetcher:
         return self.cache.block(key)
 
     def ready_all(self, keys: Sequence[ObjectKey]) -> None:
-        """Make the compute stream see every key's bytes: it waits only on these copies, and their stall is
+        """Make the compute stream see every key's bytes: it waits only on these copies, once per submit whose
+        every copy it needs (a wave's misses are one submit: one wait, not one per key), and their stall is
         measured once for all of them (one pair of timing events, not one per key). No rows are built: a
         grouped wave reads its slots by index (building a view per key costs the decode host microseconds)."""
-        waiting = []
+        needed = set(keys)
+        landing, waits = [], {}
         for key in keys:
-            handle = self._loads.get(key)
-            if handle is not None:
-                if handle.done():
-                    self._land(key)
-                else:
-                    waiting.append((key, handle))
+            part = self._loads.get(key)
+            if part is not None:
+                landing.append(key)
+                whole, batch = self._submits[key]
+                handle = whole if batch <= needed else part  # never waits on a copy this wave does not use
+                waits[id(handle)] = handle
+        waiting = [handle for handle in waits.values() if not handle.done()]
         if waiting and self._cuda:
             stream = self._compute_stream or torch.cuda.current_stream(self.cache.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            for key, handle in waiting:
+            for handle in waiting:
                 handle.wait_on(stream)
-                self._land(key)  # stream-ordered: every later use, and its slot's next copy, queues behind this wait
             end.record(stream)
             self._stall_events.append((start, end))
         elif waiting:
             began = time.perf_counter()
-            for key, handle in waiting:
+            for handle in waiting:
                 handle.wait()
-                self._land(key)
             self.stats.stall_s += time.perf_counter() - began
+        for key in landing:  # stream-ordered: every later use, and its slot's next copy, queues behind the wait
+            self._land(key)
 
     # ---- prefetch --------------------------------------------------------------------------
     def prefetch(self, context: RouteContext, tick: int, needed_now: frozenset[ObjectKey] = frozenset()) -> int:
@@ -381,18 +358,16 @@ class Prefetcher:
             gate = None
             if self._cuda:
                 gate = self._prefetch_gate if prefetch else self._demand_gate
-                for key in keys:
-                    free = self._slot_free.pop(self.cache.slot_of(key), None)
-                    if free is not None:
-                        gate.wait_event(free)
+                self._fences.fence([self.cache.slot_of(key) for key in keys], gate)
             handle = self._copies.submit(keys, rows, background=prefetch, after=gate)
         except BaseException:
             for key in keys[: len(rows)]:
                 self.cache.abort_load(key)
             raise
-        nbytes = self._object_bytes
+        nbytes, batch = self._object_bytes, frozenset(keys)
         for index, key in enumerate(keys):
             self._loads[key] = handle.part(index)
+            self._submits[key] = (handle, batch)
             self.stats.bytes_by_tier[self.homes.tier_of(key)] += nbytes
         total = nbytes * len(keys)
         if self.window is not None:
@@ -408,16 +383,14 @@ class Prefetcher:
             self.stats.demand_bytes += total
 
     def _evict(self, key: ObjectKey) -> None:
-        used = self._last_use.pop(key, None)
-        if used is not None:
-            self._slot_free[self.cache.slot_of(key)] = used
+        self._fences.evicted(key, self.cache.slot_of(key))
         self.cache.evict(key)
         if key in self._unused_prefetches:
             self._unused_prefetches.discard(key)
             self.stats.prefetch_evicted_unused += 1
 
     def _land(self, key: ObjectKey) -> None:
-        del self._loads[key]
+        del self._loads[key], self._submits[key]
         self.cache.finish_load(key)
 
     def _wait_group(self, group: int) -> None:
