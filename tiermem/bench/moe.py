@@ -120,8 +120,9 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
                 "hit_rate", "demands", "hits", "late", "misses", "extra_waves", "prefetch_loads", "prefetch_used",
-                "prefetch_capped", "predictions_skipped", "prefetch_precision", "prefetch_recall", "stall_s", "slots_per_group", "hbm_bytes",
-                "demand_bytes", "host_us_per_layer", "graphs_captured", "graph_replays")}}
+                "prefetch_capped", "predictions_skipped", "prefetch_precision", "prefetch_recall", "stall_s",
+                "slots_per_group", "hbm_bytes", "demand_bytes", "host_us_per_layer", "graphs_captured",
+                "graph_replays")}}
 
 
 def median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
