@@ -173,6 +173,11 @@ def test_direct_copies_land_byte_exact_each_with_its_own_handle_and_refuse_misma
     assert all(torch.equal(t.cpu(), h) for h, t in zip(homes, targets))
     assert int((slots[0, 4096:] == 7).all()) == 1  # nothing beyond the first copy's bytes was written
     assert engine.stats()["h2d_bytes"] == 4096 + (3 << 20)
+    slots.zero_()  # on the current stream, which the next submit starts after (its default)
+    whole = engine.submit_direct(pairs, parts=False)  # one completion for the batch alone
+    assert whole.part(0) is whole and whole.part(1) is whole
+    whole.wait_on(torch.cuda.current_stream())
+    assert all(torch.equal(t.cpu(), h) for h, t in zip(homes, targets)) and whole.done()
     with pytest.raises(TransferError, match="same size"):
         engine.submit_direct([(pairs[0][0], pairs[1][1])])
     with pytest.raises(TransferError, match="pinned host memory to a GPU buffer"):

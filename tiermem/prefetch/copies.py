@@ -2,7 +2,8 @@
 
 Where the CUDA runtime fast path is mapped, each home and each slot row is validated once (pinned,
 contiguous, its size: ``transfer.endpoint``) and every later copy goes by address through
-``TransferEngine.submit_direct``: about one ``cudaMemcpyAsync`` and one event of host time per object.
+``TransferEngine.submit_direct``: about one ``cudaMemcpyAsync`` of host time per object, and one event per
+object where its completion alone is asked for (``parts``), else one per stream for the whole submit.
 A home on a tier with I/O hooks (``sim`` time, ``faulty`` injection), or a process without the fast
 path (CPU), goes through a validated plan (``make_plan`` + ``submit``) instead, so hooks always run.
 
@@ -34,13 +35,14 @@ class SlotCopies:
         self._slots: dict[int, Endpoint] = {}
 
     def submit(self, keys: Sequence[ObjectKey], rows: Sequence[torch.Tensor], *, background: bool,
-               after: torch.cuda.Stream | None) -> TransferHandle:
-        """Copy each key's home into its slot row ``rows[i]``, starting after the work queued on ``after``."""
+               after: torch.cuda.Stream | None, parts: bool = True) -> TransferHandle:
+        """Copy each key's home into its slot row ``rows[i]``, starting after the work queued on ``after``;
+        ``parts=False``: the caller only ever waits for them all (``part(i)`` may be the whole submit)."""
         engine = self.manager.engine
         if self.direct:
             pairs = [(self._home(key), self._slot(key, row)) for key, row in zip(keys, rows)]
             if all(home is not None for home, _ in pairs):
-                return engine.submit_direct(pairs, background=background, after=after)
+                return engine.submit_direct(pairs, background=background, after=after, parts=parts)
         copies = []
         for key, row in zip(keys, rows):
             tier = self.manager.tier(self.homes.tier_of(key))

@@ -359,7 +359,8 @@ class Prefetcher:
             if self._cuda:
                 gate = self._prefetch_gate if prefetch else self._demand_gate
                 self._fences.fence([self.cache.slot_of(key) for key in keys], gate)
-            handle = self._copies.submit(keys, rows, background=prefetch, after=gate)
+            # a demand wave waits for all its misses at once (``ready_all``): no completion per object to record
+            handle = self._copies.submit(keys, rows, background=prefetch, after=gate, parts=prefetch)
         except BaseException:
             for key in keys[: len(rows)]:
                 self.cache.abort_load(key)

@@ -84,11 +84,9 @@ class TransferHandle:
         self._done = False  # latched: a plan that completed stays complete
 
     def part(self, index: int) -> TransferHandle:
-        """The completion of copy ``index`` of the submitted plan alone."""
-        if self._parts is None:
-            assert index == 0, "a one-copy plan has one part"
-            return self
-        return self._parts[index]
+        """The completion of copy ``index`` of the submitted plan alone; the whole submit's where it kept no
+        per-copy completions (a one-copy plan, or ``submit_direct(parts=False)``), which covers copy ``index``."""
+        return self if self._parts is None else self._parts[index]
 
     def done(self) -> bool:
         """True once every byte has landed (or a host-side part failed: ``wait`` then raises)."""
@@ -187,12 +185,15 @@ class TransferEngine:
         return cudart.available()
 
     def submit_direct(self, pairs: Sequence[tuple[Endpoint, Endpoint]], *, background: bool = False,
-                      after: torch.cuda.Stream | None = None) -> TransferHandle:
+                      after: torch.cuda.Stream | None = None, parts: bool = True) -> TransferHandle:
         """Copy each ``(host source, GPU destination)`` pair of validated endpoints; returns at once.
 
         As ``submit``: one handle for the whole batch, ``part(i)`` for pair ``i`` alone; copies start after
         the work queued so far on ``after`` (default: the device's current stream), on the streams ``submit``
-        would use, and the caller keeps both buffers alive until the handle completes.
+        would use, and the caller keeps both buffers alive until the handle completes. ``parts=False``
+        records no completion per pair, only the batch's (one event per stream used): for a caller that
+        always waits for the whole batch, since recording an event costs the host about 9 us on the H100
+        VM (``bench/results/h100/sync-micro``); ``part(i)`` is then the whole batch.
         """
         if self._closed:
             raise TransferError("transfer: engine is closed; create a new TierManager")
@@ -206,19 +207,25 @@ class TransferEngine:
                     f"{src.nbytes} bytes on {src.device or 'host'} -> {dst.nbytes} bytes on {dst.device or 'host'}"
                 )
         start = _StartAfter(after)
-        parts = []
+        handles = []
+        used: dict[int, torch.cuda.Stream] = {}
         last: dict[int, torch.cuda.Event] = {}  # stream -> its last event: the whole batch
         for src, dst in pairs:
-            events = self._enqueue_chunks(dst.device, Direction.H2D, background, start, src.nbytes,
-                                          functools.partial(_memcpy_at, dst.address, src.address))
-            parts.append(TransferHandle(src.nbytes, list(events.values()), []))
-            last.update(events)
+            streams = self._enqueue_chunks(dst.device, Direction.H2D, background, start, src.nbytes,
+                                           functools.partial(_memcpy_at, dst.address, src.address))
+            if parts:
+                events = _record(streams)
+                handles.append(TransferHandle(src.nbytes, list(events.values()), []))
+                last.update(events)
+            used.update(streams)
+        if not parts:
+            last = _record(used)
         nbytes = sum(src.nbytes for src, _ in pairs)
         with self._lock:
             self._bytes_by_direction[Direction.H2D.value] += nbytes
-        if len(parts) == 1:
-            return parts[0]
-        return TransferHandle(nbytes, list(last.values()), [], parts)
+        if len(handles) == 1:
+            return handles[0]
+        return TransferHandle(nbytes, list(last.values()), [], handles or None)
 
     def stats(self) -> dict[str, int]:
         """Bytes submitted per direction since the engine started."""
@@ -254,13 +261,13 @@ class TransferEngine:
             enqueue = functools.partial(_memcpy_at, copy.dst.data_ptr(), copy.src.data_ptr())
         else:
             enqueue = functools.partial(_copy_at, copy.dst, copy.src)
-        return self._enqueue_chunks(device, lane, background, start, copy.nbytes, enqueue)
+        return _record(self._enqueue_chunks(device, lane, background, start, copy.nbytes, enqueue))
 
     def _enqueue_chunks(self, device: torch.device, lane: Direction, background: bool, start: _StartAfter,
                         nbytes: int, enqueue: Callable[[int, int, torch.cuda.Stream], None],
-                        ) -> dict[int, torch.cuda.Event]:
-        """``enqueue(offset, size, stream)`` each chunk of ``nbytes`` on the lane's streams in turn; returns one
-        event per stream used, recorded after its last chunk."""
+                        ) -> dict[int, torch.cuda.Stream]:
+        """``enqueue(offset, size, stream)`` each chunk of ``nbytes`` on the lane's streams in turn; returns the
+        streams used (``_record`` marks their ends)."""
         streams, turn = self._streams_for(device, lane, background)
         used: dict[int, torch.cuda.Stream] = {}
         for offset, size in split_chunks(nbytes, self.config.chunk_bytes):
@@ -271,11 +278,7 @@ class TransferEngine:
                 enqueue(offset, size, stream)
             except RuntimeError as exc:
                 raise TransferError(f"transfer: enqueueing a {size}-byte {lane.value} copy failed: {exc}") from exc
-        events = {}
-        for key, stream in used.items():
-            events[key] = torch.cuda.Event()
-            events[key].record(stream)
-        return events
+        return used
 
     def _enqueue_host(self, copy: Copy) -> list[Future]:
         return [self._host_pool.submit(_copy_bytes, copy.dst.narrow(0, offset, size), copy.src.narrow(0, offset, size))
@@ -308,6 +311,15 @@ class _StartAfter:
             event = self._events[device.index] = (self.after or torch.cuda.current_stream(device)).record_event()
         stream.wait_event(event)
         self._held.add(id(stream))
+
+
+def _record(streams: dict[int, torch.cuda.Stream]) -> dict[int, torch.cuda.Event]:
+    """One event per stream, recorded after the work queued on it so far."""
+    events = {}
+    for key, stream in streams.items():
+        events[key] = torch.cuda.Event()
+        events[key].record(stream)
+    return events
 
 
 def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
