@@ -139,26 +139,17 @@ class Prefetcher:
             self.window.layer_started(routing_wait_s=routing_wait_s)
         present = [k for k in keys if self.cache.contains(k)]
         pending = sorted(k for k in keys if not self.cache.contains(k))
-        self.stats.demands += len(keys)
-        self.stats.hits += len(present)
-        self.stats.late += sum(1 for k in present if k in self._loads)
-        used = self._unused_prefetches.intersection(present)
-        if used:
-            self.stats.prefetch_used += len(used)
-            self._unused_prefetches -= used
-        if keys:
-            self.precision.resolve(keys[0].layer, keys)
-            self.regret.resolve(keys[0].layer, keys)
         self.cache.pin(present)
-        self.cache.touch(present, tick)
-        wave = present
+        wave = list(present)
         self.phases.lap("demand_plan")
         first = True
         while pending or first:
             try:
                 if pending:
                     pending = self._fetch_some(wave, pending, tick)
-                if not first:
+                if first:  # once the first misses are on the link: the rest changes no plan of this wave
+                    self._account(keys, present, tick)
+                else:
                     self.stats.extra_waves += 1
                 first = False
                 yield list(wave)
@@ -169,6 +160,22 @@ class Prefetcher:
                     self._fences.wave_ended(wave, self._compute_stream.cuda_stream, used)
                 self.cache.unpin(wave)
                 wave.clear()
+
+    def _account(self, keys: Sequence[ObjectKey], present: list[ObjectKey], tick: int) -> None:
+        """Count a demand of ``keys`` whose ``present`` ones were hits, score the prefetches and evictions that
+        awaited it, and mark the hits used at ``tick`` (pinned: no plan of this wave could evict them anyway)."""
+        self.stats.demands += len(keys)
+        self.stats.hits += len(present)
+        self.stats.late += sum(1 for k in present if k in self._loads)
+        used = self._unused_prefetches.intersection(present)
+        if used:
+            self.stats.prefetch_used += len(used)
+            self._unused_prefetches -= used
+        if keys:
+            self.precision.resolve(keys[0].layer, keys)
+            self.regret.resolve(keys[0].layer, keys)
+        self.cache.touch(present, tick)
+        self.phases.lap("demand_plan")
 
     def ready(self, key: ObjectKey) -> torch.Tensor:
         """``key``'s slot row, once the compute stream will see its bytes (waits only on this copy)."""
@@ -214,9 +221,8 @@ class Prefetcher:
         distance = self.config.distance
         if self.predictor is None or distance == 0:
             return 0
-        # no reaping here: copies that landed since this layer's demand are either this layer's own (needed
-        # now, so never victims) or prefetches; the next demand lands them all (measured: about 30 us per
-        # layer on the H100 host for objects that nothing here needs to see as resident)
+        # no reaping here: copies landed since this layer's demand are its own (needed now, never victims) or
+        # prefetches, and the next demand lands them all (a reap cost the H100 host about 30 us per layer)
         num_layers = len(self.homes.layers)
         targets = [self.homes.key_at((context.layer + d) % num_layers, 0) for d in range(1, distance + 1)]
         objects = self._admitted()  # before predicting: a decision that admits nothing skips the prediction
