@@ -117,7 +117,7 @@ class ExpertCache:
         """The group's resident, unpinned places (``GroupState``) not holding a ``needed`` key, first to evict
         first: the policy's order, ranked in one compiled call."""
         state = self.groups[group]
-        places = [state.first[k.layer] + k.index for k in needed if k.layer in state.first]
+        places = [state.place(k) for k in needed if k.layer in state.first]
         return evictable_places(state.state, state.pins, state.last_use, self._priorities(group),
                                 np.array(places, np.int64) if places else NO_PLACES)
 

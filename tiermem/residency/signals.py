@@ -23,6 +23,11 @@ from tiermem.errors import ConfigError
 from tiermem.types import ObjectKey
 
 
+def _table_layer(key: ObjectKey) -> tuple[str, str, int]:
+    """The table layer ``key`` belongs to (kind, table, layer): what the per-layer arrays are keyed by."""
+    return key[:3]
+
+
 class _TrackedLayer:
     """The counts of one tracked table layer: ``counts[i]`` (float64) as of tick ``ticks[i]`` (int64) for the
     object of index ``i``; ``count_at`` and ``tick_at`` view the same memory and read or write one object
@@ -60,7 +65,7 @@ class ActivationCounts:
     def track(self, first: ObjectKey, size: int) -> None:
         """Keep the counts of ``first``'s table layer, indices ``0 <= index < size``, as arrays from now on;
         counts recorded so far are kept (a layer registered again keeps its arrays, grown to ``size``)."""
-        layer = (first.kind, first.table, first.layer)
+        layer = _table_layer(first)
         with self._lock:
             old = self._layers.get(layer)
             kept = 0 if old is None else old.counts.size
@@ -68,7 +73,7 @@ class ActivationCounts:
             ticks = np.full(counts.size, self._now, np.int64)
             if old is not None:
                 counts[:kept], ticks[:kept] = old.counts, old.ticks
-            for key in [k for k in self._counts if (k.kind, k.table, k.layer) == layer and 0 <= k.index < counts.size]:
+            for key in [k for k in self._counts if _table_layer(k) == layer and 0 <= k.index < counts.size]:
                 counts[key.index] = self._decayed(key)  # at age 0: ``count`` reads the same float as before
                 del self._counts[key]
             self._layers[layer] = _TrackedLayer(counts, ticks)
@@ -89,7 +94,7 @@ class ActivationCounts:
     def count(self, key: ObjectKey) -> float:
         """The (decayed) activation count of ``key`` as of the latest recorded tick."""
         with self._lock:
-            layer = self._layers.get((key.kind, key.table, key.layer))
+            layer = self._layers.get(_table_layer(key))
             if layer is not None and 0 <= key.index < layer.counts.size:
                 return float(self._decayed_layer(layer)[key.index])
             return self._decayed(key)
@@ -98,7 +103,7 @@ class ActivationCounts:
         """The (decayed) activation counts of ``first``'s table layer as of the latest recorded tick, as a new
         float64 array (``[i]`` is the object of index ``i``, equal to its ``count``); None if it is not tracked."""
         with self._lock:
-            layer = self._layers.get((first.kind, first.table, first.layer))
+            layer = self._layers.get(_table_layer(first))
             return None if layer is None else self._decayed_layer(layer)
 
     def reset(self) -> None:
@@ -112,7 +117,7 @@ class ActivationCounts:
 
     def _add(self, key: ObjectKey, uses: float) -> None:
         """Decay ``key``'s count to the latest tick and add ``uses``; the caller holds the lock."""
-        layer = self._layers.get((key.kind, key.table, key.layer))
+        layer = self._layers.get(_table_layer(key))
         index = key.index
         if layer is not None and 0 <= index < len(layer.count_at):
             layer.count_at[index] = self._decay(layer.count_at[index], layer.tick_at[index]) + uses
@@ -157,7 +162,7 @@ class PredictionScores:
         """Overwrite the scores of the given keys (a mapping or ``(key, score)`` pairs); other keys keep theirs."""
         with self._lock:
             for key, score in dict(scores).items():
-                layer = self._layers.get((key.kind, key.table, key.layer))
+                layer = self._layers.get(_table_layer(key))
                 if layer is not None and 0 <= key.index < layer.size:
                     layer[key.index] = score
                 else:
@@ -167,24 +172,24 @@ class PredictionScores:
         """Set the scores of every object of ``first``'s table layer: ``scores[i]`` for index ``i``; returns them
         as the float64 copy kept here (read-only to the caller)."""
         values = np.array(scores, dtype=np.float64).reshape(-1)
+        layer = _table_layer(first)
         with self._lock:
-            self._layers[(first.kind, first.table, first.layer)] = values
-            for key in [k for k in self._scores if (k.kind, k.table, k.layer) == (first.kind, first.table, first.layer)
-                        and 0 <= k.index < values.size]:
+            self._layers[layer] = values
+            for key in [k for k in self._scores if _table_layer(k) == layer and 0 <= k.index < values.size]:
                 del self._scores[key]
         return values
 
     def forget(self, first: ObjectKey) -> None:
         """Drop every score of ``first``'s table layer: its objects are unpredicted again (score 0.0)."""
-        layer = (first.kind, first.table, first.layer)
+        layer = _table_layer(first)
         with self._lock:
             self._layers.pop(layer, None)
-            for key in [k for k in self._scores if (k.kind, k.table, k.layer) == layer]:
+            for key in [k for k in self._scores if _table_layer(k) == layer]:
                 del self._scores[key]
 
     def layer(self, first: ObjectKey) -> np.ndarray | None:
         """The published scores of ``first``'s table layer (read-only view), or None if none was published."""
-        values = self._layers.get((first.kind, first.table, first.layer))
+        values = self._layers.get(_table_layer(first))
         if values is None:
             return None
         view = values.view()
@@ -194,7 +199,7 @@ class PredictionScores:
     def score(self, key: ObjectKey) -> float:
         """The latest score of ``key``; 0.0 when it was never predicted. Lock-free: one dict lookup is atomic,
         and eviction orders read this once per resident object per layer."""
-        layer = self._layers.get((key.kind, key.table, key.layer))
+        layer = self._layers.get(_table_layer(key))
         if layer is not None and 0 <= key.index < layer.size:
             return float(layer[key.index])
         return self._scores.get(key, 0.0)
