@@ -244,14 +244,13 @@ class Prefetcher:
         per_target = [scores[d].sum(axis=0, dtype=np.float64) for d in range(distance)]  # the planners' dtype
         if self.predictions is not None:
             per_target = [self.predictions.publish(first, per_object) for first, per_object in zip(targets, per_target)]
-        if self.window is not None and objects > 0:
+        if objects == 0:  # prefetch off by config: the prediction serves the eviction policy alone
+            return 0
+        if self.window is not None:
             self.window.predicted(time.perf_counter() - began)
-        issued = 0
-        for d, (first, per_object) in enumerate(zip(targets, per_target)):
-            if self.config.objects_per_layer > 0:
-                # the first target's admission was decided above; a later one's sees the copies queued since
-                issued += self._apply_prefetch(first, per_object, tick, needed_now, objects if d == 0 else None)
-        return issued
+        # the first target's admission was decided above; a later one's sees the copies queued since
+        return sum(self._apply_prefetch(first, per_object, tick, needed_now, objects if d == 0 else None)
+                   for d, (first, per_object) in enumerate(zip(targets, per_target)))
 
     def _admitted(self) -> int:
         """How many objects the link window lets the next prefetch load (``objects_per_layer`` without one)."""
