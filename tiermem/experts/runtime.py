@@ -32,19 +32,29 @@ from tiermem.config import format_bytes, option, require
 from tiermem.errors import CapacityError, ConfigError
 from tiermem.experts.cache import ExpertCache
 from tiermem.experts.compute import combine, expert_output, route
+from tiermem.experts.device_layer import DevicePagedLayers
 from tiermem.experts.graphs import WaveGraphs
 from tiermem.experts.grouped import SlotWeights, compile_now, pair_buffer, run_wave, sum_pairs, wave_rows
 from tiermem.experts.routes import RouteTracker
 from tiermem.experts.store import ExpertStore
 from tiermem.predict.base import Predictor, RouteContext
 from tiermem.prefetch.prefetcher import PrefetchConfig, Prefetcher
-from tiermem.prefetch.stats import HostPhases
+from tiermem.prefetch.stats import HostPhases, PrefetchStats
+from tiermem.residency.device_pager import DevicePager
 from tiermem.residency.policies import EVICTION_POLICIES, PolicySignals
 from tiermem.residency.signals import ActivationCounts, PredictionScores
 from tiermem.residency.slots import SlotLayout, SlotPool, slots_for_fraction
+from tiermem.transfer.uva_copy import BlockCopier
 from tiermem.types import ObjectKey
 
 log = logging.getLogger("tiermem.experts")
+
+
+class Pager(str, enum.Enum):
+    """Where a layer's residency is decided."""
+
+    HOST = "host"  # the host reads each layer's routing back, plans, prefetches (predictors) and issues copies
+    DEVICE = "device"  # tensors on the GPU decide and a kernel copies: no host sync per layer, on demand only
 
 
 class ExpertCompute(str, enum.Enum):
@@ -72,12 +82,21 @@ class OffloadConfig:
     cuda_graphs: bool = option(True, help="grouped compute on a GPU: capture a layer whose pairs fit in one wave "
                                           "in a CUDA graph per shape and replay it (bit-identical, far fewer "
                                           "launches per layer).")
+    pager: Pager = option(Pager.HOST, help="host: the host pages each layer (prefetch, predictors, any batch); "
+                                           "device: the GPU pages on demand (lru, lfu, or predicted from a step "
+                                           "table; grouped compute; a layer's routed pairs within its slot group), "
+                                           "with no host sync per layer.")
 
     def __post_init__(self) -> None:
         require((self.hbm_budget_bytes is None) != (self.resident_fraction is None), self,
                 "give exactly one of hbm_budget_bytes and resident_fraction")
         require(self.policy is None or (self.policy in EVICTION_POLICIES and self.policy != "belady"), self,
                 f"policy must be lru, lfu or predicted (belady needs the future: simulation only), got {self.policy!r}")
+        if self.pager is Pager.DEVICE:
+            require(self.compute in (None, ExpertCompute.GROUPED), self,
+                    "the device pager computes grouped (its wave index is built on the device); use compute='grouped'")
+            require(self.lfu_half_life_steps is None, self,
+                    "the device pager's LFU counts do not decay; leave lfu_half_life_steps unset or use pager='host'")
 
 
 class ExpertRuntime:
@@ -99,7 +118,10 @@ class ExpertRuntime:
                 "layers (a prefetch may not target a layer's use after the next)"
             )
         policy = config.policy or ("predicted" if predictor is not None else "lru")
-        if policy == "predicted" and (predictor is None or config.prefetch.distance == 0):
+        if config.pager is Pager.DEVICE and predictor is not None:
+            _check_step_table(predictor, config, policy)
+        if policy == "predicted" and (predictor is None or (config.prefetch.distance == 0 and
+                                                             config.pager is Pager.HOST)):
             raise ConfigError("expert runtime: policy 'predicted' ranks by predictions; give a predictor and a "
                               "prefetch distance > 0, or choose 'lru'/'lfu'")
         self.store = store
@@ -118,7 +140,7 @@ class ExpertRuntime:
         self.phases = HostPhases(enabled=config.time_host_phases)
         self.prefetcher = Prefetcher(self.cache, store, store.manager, config=config.prefetch, predictor=predictor,
                                      predictions=predictions, phases=self.phases)
-        self.compute = config.compute or ExpertCompute.LOOP
+        self.compute = config.compute or (ExpertCompute.GROUPED if config.pager is Pager.DEVICE else ExpertCompute.LOOP)
         self._slot_weights: list[SlotWeights] = []
         if self.compute is ExpertCompute.GROUPED:
             compile_now()  # the wave's row sort, compiled here rather than in a decode's first layer
@@ -127,6 +149,9 @@ class ExpertRuntime:
                                   for g in range(self.cache.num_groups)]
         use_graphs = self.compute is ExpertCompute.GROUPED and config.cuda_graphs and self.cache.device.type == "cuda"
         self._graphs = WaveGraphs(self._slot_weights) if use_graphs else None
+        self._device = self._device_pager(policy) if config.pager is Pager.DEVICE else None
+        self._predictor = predictor
+        self._scores_from: Any = None  # the step table now in the device pager (predicted policy)
         self.tracker = RouteTracker(num_layers=num_layers, num_experts=store.num_experts, top_k=top_k)
         # a predictor that reads the router input gets it on the host, copied with the routing: read on the GPU
         # after this layer's compute was queued, it would wait for that compute (and its misses' copies)
@@ -149,6 +174,17 @@ class ExpertRuntime:
                               "experts are gone, so the model cannot run anymore")
         phases = self.phases
         phases.start()
+        if self._device is not None:
+            if self._device.pager.policy == "predicted" and self._predictor.step is not self._scores_from:
+                self._scores_from = self._predictor.step  # a new table (the bench's cross-fitted halves)
+                self._device.pager.set_scores(torch.from_numpy(np.asarray(self._scores_from, dtype=np.float32)))
+            position = self.store.position(layer)
+            per_layer = self.cache.slot_layout is SlotLayout.PER_LAYER
+            out = self._device.run(position if per_layer else 0, 0 if per_layer else position * self.store.num_experts,
+                                   hidden, top_k_index.to(hidden.device), top_k_weights, act_fn)
+            phases.lap("device")
+            phases.layer_done()
+            return out
         router_input = hidden if router_input is None else router_input
         if self._input_to_host and router_input.is_cuda:  # queued before the routing's copy: one wait for both
             router_input = router_input.detach().to("cpu", non_blocking=True)
@@ -234,18 +270,32 @@ class ExpertRuntime:
         """Capture now, in every slot group, the graph of a whole-layer wave of these shapes (``hidden``
         ``[T, H]``, ``top_k_weights`` ``[T, K]``), so the first layers of that size do not pay for the
         capture; returns how many groups have it ready (0 without graphs: CPU, loop compute, or off)."""
+        if self._device is not None:
+            per_layer = self.cache.slot_layout is SlotLayout.PER_LAYER
+            return sum(self._device.prepare(p if per_layer else 0, 0 if per_layer else p * self.store.num_experts,
+                                            hidden, top_k_weights, act_fn) for p in range(len(self.store.layers)))
         if self._graphs is None:
             return 0
         return sum(self._graphs.prepare(group, hidden, top_k_weights, act_fn) for group in range(self.cache.num_groups))
 
+    def reset_stats(self) -> None:
+        """Zero the hit, miss and byte counters (the cache's contents stay)."""
+        self.prefetcher.reset_stats()
+        if self._device is not None:
+            self._device.pager.reset_stats()
+
     def stats(self) -> dict[str, Any]:
         """Hit rate, prefetch precision/recall, bytes moved per tier, stall time, and the cache's shape."""
-        counters = self.prefetcher.collect_stats().as_dict()
+        counters = (self.prefetcher.collect_stats() if self._device is None else self._device_stats()).as_dict()
+        if self._device is not None:
+            counters["stall_s"] = None  # the host never waits per layer, so there is no host-side stall to time
+        graphs = self._graphs if self._device is None else self._device
         return {
             **counters,
+            "pager": self.config.pager.value,
             "host_us_per_layer": self.phases.us_per_layer(),
-            "graphs_captured": len(self._graphs) if self._graphs is not None else 0,
-            "graph_replays": self._graphs.replays if self._graphs is not None else 0,
+            "graphs_captured": len(graphs) if graphs is not None else 0,
+            "graph_replays": graphs.replays if graphs is not None else 0,
             "policy": self.cache.policy_name,
             "slots_per_group": self.cache.pool.slots_per_group,
             "slot_groups": self.cache.num_groups,
@@ -262,9 +312,58 @@ class ExpertRuntime:
         self._closed = True
         if self._graphs is not None:
             self._graphs.clear()
+        if self._device is not None:
+            self._device.clear()
+            self._device = None
         self.prefetcher.drain()
         self._slot_weights = []  # views of the slots: they would keep the HBM alive
         self.cache.release()
+
+    def _device_pager(self, policy: str) -> DevicePagedLayers:
+        """The device pager over this runtime's slot groups and the store's homes (validated here)."""
+        store, cache = self.store, self.cache
+        hooked = sorted(t for t in store.placement.tiers if store.manager.tier(t).io_hooked)
+        if hooked:
+            raise ConfigError(f"expert runtime: the device pager's kernel reads the homes directly, past the I/O hooks "
+                              f"of tier(s) {hooked} (modelled time, injected faults); use pager='host' with them")
+        per_group = cache.pool.slots_per_group
+        layer_groups = [[p] for p in range(len(store.layers))] if cache.slot_layout is SlotLayout.PER_LAYER \
+            else [list(range(len(store.layers)))]
+        homes = [[store.home(store.key_at(p, e)) for p in positions for e in range(store.num_experts)]
+                 for positions in layer_groups]
+        pager = DevicePager(num_groups=cache.num_groups, slots_per_group=per_group,
+                            objects_per_group=len(homes[0]), device=cache.device, policy=policy)
+        copier = BlockCopier(homes, [cache.memory[g * per_group:(g + 1) * per_group] for g in range(cache.num_groups)])
+        return DevicePagedLayers(pager, copier, self._slot_weights, experts_per_layer=store.num_experts,
+                                 cuda_graphs=self.config.cuda_graphs)
+
+    def _device_stats(self) -> PrefetchStats:
+        """The device pager's counters in the host pager's terms (demands are distinct experts per layer)."""
+        needed, loads = self._device.pager.stats()
+        store, block = self.store, self.store.layout.block_bytes
+        stats = PrefetchStats(demands=needed, misses=int(loads.sum()), demand_bytes=int(loads.sum()) * block)
+        stats.hits = needed - stats.misses
+        per_layer = self.cache.slot_layout is SlotLayout.PER_LAYER
+        for group, counts in enumerate(loads.tolist()):
+            for obj, copies in enumerate(counts):
+                if copies:
+                    position, expert = (group, obj) if per_layer else divmod(obj, store.num_experts)
+                    stats.bytes_by_tier[store.tier_of(store.key_at(position, expert))] += copies * block
+        return stats
+
+
+def _check_step_table(predictor: Predictor, config: OffloadConfig, policy: str) -> None:
+    """The device pager reads a predictor only as a step table ``[layers, experts, experts]`` (``predictor.step``:
+    P(expert j at a layer | expert i at that layer one token earlier), a co-occurrence predictor's)."""
+    if policy != "predicted":
+        raise ConfigError(f"expert runtime: the device pager evicts by {policy} and would ignore the predictor; "
+                          "use policy='predicted' or drop the predictor")
+    if not (hasattr(type(predictor), "step") or hasattr(predictor, "step")):  # a property is not called here
+        raise ConfigError(f"expert runtime: the device pager ranks slots by a step table (predictor.step, as the "
+                          f"cooccurrence predictor has); {type(predictor).__name__} has none; use pager='host' for it")
+    if config.slot_layout is not SlotLayout.PER_LAYER:
+        raise ConfigError("expert runtime: the device pager's predicted eviction scores each layer's slots with its "
+                          "layer's step table; use slot_layout='per_layer'")
 
 
 def _slots_per_group(store: ExpertStore, config: OffloadConfig, top_k: int) -> int:

@@ -1,0 +1,145 @@
+"""The device pager inside ``tiermem.offload``: bit-identical logits, honest counters, clear refusals.
+
+CPU tests run the pager's tensor operations and the copier's CPU path; the GPU tests run the Triton
+copy kernel and the CUDA-graph replays, against transformers' ``grouped_mm`` experts all-resident.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tiermem.errors import CapacityError, ConfigError
+from tiermem.experts import offload
+from tiermem.manager import ManagerConfig, TierManager
+from tiermem.transfer.uva_copy import BlockCopier
+
+from .test_experts_moe import FirstExperts, _qwen3_on_gpu, _tiny_transformers_models
+
+
+def _tiny_qwen3(seed: int) -> tuple[torch.nn.Module, int]:
+    models, common = _tiny_transformers_models()  # 8 experts, top-2, 2 layers
+    config_cls, model_cls, extra = models["qwen3_moe"]
+    torch.manual_seed(seed)
+    model = model_cls._from_config(config_cls(**{**common, **extra}), experts_implementation="grouped_mm").eval()
+    return model, common["vocab_size"]
+
+
+@pytest.mark.parametrize("config", [
+    {"resident_fraction": 0.5, "pager": "device"},
+    {"resident_fraction": 0.5, "pager": "device", "policy": "lfu"},
+    {"resident_fraction": 0.25, "pager": "device", "slot_layout": "shared"},
+])
+def test_device_paged_logits_are_bit_identical_to_the_resident_model(config):
+    model, vocab = _tiny_qwen3(seed=5)
+    prompts = [torch.randint(0, vocab, (batch, 1)) for batch in (1, 2, 1, 1, 2, 1, 2, 2, 1)]
+    with torch.no_grad():
+        expected = [model(ids).logits for ids in prompts]
+        handle = offload(model, tier="dram", config=config)
+        got = [model(ids).logits for ids in prompts]
+    stats = handle.stats()
+    handle.close()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    pairs = 2 * sum(ids.shape[0] for ids in prompts) * 2  # top-2, 2 layers
+    assert stats["pager"] == "device" and stats["demands"] <= pairs
+    assert stats["misses"] > 0 and 0.0 < stats["hit_rate"] < 1.0 and stats["hits"] + stats["misses"] == stats["demands"]
+    assert stats["bytes_by_tier"]["dram"] == stats["demand_bytes"] == stats["misses"] * stats["expert_bytes"]
+    assert stats["stall_s"] is None and stats["prefetch_loads"] == 0
+
+
+def test_a_layer_with_more_pairs_than_slots_says_to_use_the_host_pager():
+    model, vocab = _tiny_qwen3(seed=6)
+    with torch.no_grad():
+        handle = offload(model, tier="dram", config={"resident_fraction": 0.5, "pager": "device"})  # 4 slots
+        with pytest.raises(CapacityError, match=r"6 routed pairs, more than the 4 slots.*pager='host'"):
+            model(torch.randint(0, vocab, (3, 1)))
+    handle.close()
+
+
+class StepTable(FirstExperts):
+    """A predictor with a step table: after expert i comes expert (i + 1) % 8, at every layer."""
+
+    def __init__(self) -> None:
+        self.step = np.roll(np.eye(8, dtype=np.float32), 1, axis=1)[None].repeat(2, axis=0)
+
+
+def test_predicted_eviction_on_the_device_reads_the_predictors_step_table():
+    model, vocab = _tiny_qwen3(seed=10)
+    prompts = [torch.randint(0, vocab, (1, 1)) for _ in range(12)]
+    predictor = StepTable()
+    with torch.no_grad():
+        expected = [model(ids).logits for ids in prompts]
+        handle = offload(model, tier="dram", config={"resident_fraction": 0.5, "pager": "device"}, predictor=predictor)
+        got = [model(ids).logits for ids in prompts]
+    pager = handle.runtime._device.pager
+    assert pager.policy == "predicted" and handle.stats()["misses"] > 0
+    assert torch.equal(pager.scores.cpu(), torch.from_numpy(predictor.step).mul(1 << 20).to(torch.int64))
+    handle.close()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+@pytest.mark.parametrize("config, predictor, match", [
+    ({"pager": "device", "policy": "lru"}, StepTable(), "would ignore the predictor"),
+    ({"pager": "device"}, FirstExperts(), "has none; use pager='host'"),
+    ({"pager": "device", "slot_layout": "shared"}, StepTable(), "use slot_layout='per_layer'"),
+    ({"pager": "device", "compute": "loop"}, None, "computes grouped"),
+    ({"pager": "device", "policy": "predicted"}, None, "ranks by predictions; give a predictor"),
+    ({"pager": "device", "policy": "lfu", "lfu_half_life_steps": 4.0}, None, "do not decay"),
+])
+def test_device_pager_refuses_what_it_cannot_do(config, predictor, match):
+    model, _ = _tiny_qwen3(seed=7)
+    with pytest.raises(ConfigError, match=match):
+        offload(model, tier="dram", config={"resident_fraction": 0.5, "prefetch": {"distance": 1}, **config},
+                predictor=predictor)
+
+
+def test_device_pager_refuses_homes_whose_tier_hooks_io():
+    model, _ = _tiny_qwen3(seed=8)
+    manager = TierManager(ManagerConfig.from_dict({"tiers": [
+        {"kind": "sim", "name": "sim", "capacity_bytes": 16 << 20, "model_time": True}]}))
+    with pytest.raises(ConfigError, match=r"past the I/O hooks of tier\(s\) \['sim'\]"):
+        offload(model, tier="sim", manager=manager, config={"resident_fraction": 0.5, "pager": "device"})
+    manager.close()
+
+
+def test_block_copier_copies_the_listed_blocks_only_and_validates_homes():
+    homes = [[torch.full((16,), i, dtype=torch.uint8) for i in range(5)]]
+    slots = torch.zeros((3, 16), dtype=torch.uint8)
+    copier = BlockCopier(homes, [slots])
+    copier.copy(0, torch.tensor([4, 1, 3]), torch.tensor([2, 0, 1]), torch.tensor([2]))
+    assert slots[:, 0].tolist() == [1, 0, 4]
+    with pytest.raises(ConfigError, match="home 1 of group 0 must be one contiguous"):
+        BlockCopier([[homes[0][0], torch.zeros(8, dtype=torch.uint8)]], [slots])
+    with pytest.raises(ConfigError, match="multiple of 8 bytes"):
+        BlockCopier([[torch.zeros(12, dtype=torch.uint8)]], [torch.zeros((1, 12), dtype=torch.uint8)])
+
+
+@pytest.mark.gpu
+def test_device_pager_on_the_gpu_is_bit_identical_with_graphs_and_without():
+    for graphs in (True, False):
+        model = _qwen3_on_gpu(seed=9)  # 32 experts, top-4: 8 slots per layer at 25%
+        prompts = [torch.randint(0, 256, (batch, 1), device="cuda") for batch in (1, 2, 1, 1, 2, 1, 1, 2)]
+        config = {"resident_fraction": 0.25, "pager": "device", "cuda_graphs": graphs}
+        with torch.no_grad():
+            expected = [model(ids).logits for ids in prompts]
+            handle = offload(model, tier="dram", config=config)
+            got = [model(ids).logits for ids in prompts]
+        stats = handle.stats()
+        handle.close()
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+        assert stats["misses"] > 0 and stats["hits"] > 0
+        assert (stats["graph_replays"] > stats["graphs_captured"] > 0) == graphs
+
+
+@pytest.mark.gpu
+def test_the_copy_kernel_moves_exactly_the_counted_blocks_from_pinned_homes():
+    block = 3 * 65536 + 8  # several chunks, the last one partial
+    homes = [[torch.randint(0, 255, (block,), dtype=torch.uint8).pin_memory() for _ in range(6)]]
+    slots = torch.zeros((4, block), dtype=torch.uint8, device="cuda")
+    copier = BlockCopier(homes, [slots])
+    objects, targets = torch.tensor([5, 0, 2, 3], device="cuda"), torch.tensor([1, 3, 0, 2], device="cuda")
+    copier.copy(0, objects, targets, torch.tensor([3], device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(slots[1].cpu(), homes[0][5]) and torch.equal(slots[3].cpu(), homes[0][0])
+    assert torch.equal(slots[0].cpu(), homes[0][2]) and not slots[2].any()

@@ -1,0 +1,155 @@
+"""``DevicePagedLayers``: a layer's paging, copies and grouped compute, queued on one stream, no host sync.
+
+With the device pager (``OffloadConfig(pager="device")``) a layer is: map the routing to object
+ids -> ``DevicePager.page`` (slots, copies and the wave index, on the device) ->
+``BlockCopier.copy`` (one kernel that reads the missed experts from their host homes) ->
+``grouped.compute_wave`` over the slot group -> sum over top-k. The host never reads the routing,
+so it runs ahead of the GPU by whole layers; on a GPU each (group, shape) is captured once in a
+CUDA graph and replayed, so a layer costs the host three input copies, one replay and one clone.
+
+Invariants:
+- every pair of a layer is in the one wave: the caller checks ``pairs <= slots_per_group`` (a
+  static bound on the wave's distinct experts), since the device cannot split a wave;
+- the output is bit-identical to the host pager's grouped path and to transformers' ``grouped_mm``
+  experts on the all-resident weights (each row computed by its own expert's GEMM group; dropped
+  pairs are zero); slot choice never changes a value;
+- a graph's warm-ups page real waves (their copies really run, so the tables stay true); the first
+  warm-up of a layer met in a decode is that layer's run (its output is returned, its paging
+  counted), and the counters forget the other warm-ups; ``prepare`` counts none and leaves the
+  group empty.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tiermem.errors import CapacityError
+from tiermem.experts.grouped import SlotWeights, compute_wave, pair_buffer, sum_pairs
+from tiermem.residency.device_pager import DevicePager
+from tiermem.transfer.uva_copy import BlockCopier
+
+log = logging.getLogger("tiermem.experts")
+
+WARMUP_RUNS = 2  # eager runs on a side stream before capture: Triton compiles and lazy library state is made
+
+
+@dataclass(frozen=True, eq=False)
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor  # static inputs, copied in before each replay
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+    out: torch.Tensor  # the layer's output, in the graphs' memory pool
+
+
+class DevicePagedLayers:
+    """Runs layers through ``pager`` and ``copier`` on ``weights[group]`` (one ``SlotWeights`` per slot group)."""
+
+    def __init__(self, pager: DevicePager, copier: BlockCopier, weights: Sequence[SlotWeights], *,
+                 experts_per_layer: int, cuda_graphs: bool, max_graphs: int = 1024) -> None:
+        self.pager, self.copier, self.weights = pager, copier, list(weights)
+        self.experts_per_layer = experts_per_layer
+        self.use_graphs = cuda_graphs and pager.device.type == "cuda"
+        self.max_graphs = max_graphs
+        self._graphs: dict[tuple, _Captured] = {}
+        self._failed: set[tuple] = set()
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.replays = 0
+
+    def run(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+            top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The routed experts' summed output ``[T, H]``; the layer's experts are objects ``first_object + e``."""
+        pairs = top_k_index.numel()
+        if pairs > self.pager.slots_per_group:
+            raise CapacityError(
+                f"device pager: a layer of {top_k_index.shape[0]} token(s) x top-{top_k_index.shape[-1]} has "
+                f"{pairs} routed pairs, more than the {self.pager.slots_per_group} slots of its group, and the device "
+                "cannot split a layer into waves; use pager='host' for this batch size, or give each group at least "
+                f"{pairs} slots"
+            )
+        key = self._key(group, first_object, hidden, top_k_index, top_k_weights, act_fn)
+        captured = self._graphs.get(key)
+        if captured is None:
+            if not self._may_capture(key):
+                return self._layer(group, first_object, hidden, top_k_index, top_k_weights, act_fn)
+            return self._capture(key, group, first_object, hidden, top_k_index, top_k_weights, act_fn, count=True)
+        captured.hidden.copy_(hidden)
+        captured.top_k_index.copy_(top_k_index)
+        captured.top_k_weights.copy_(top_k_weights)
+        captured.graph.replay()
+        self.replays += 1
+        return captured.out.clone()
+
+    def prepare(self, group: int, first_object: int, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+                act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Capture the graph of these shapes now, before it is needed; its warm-up counts nothing and the
+        group is left empty. Returns whether a graph is ready."""
+        index = torch.zeros(top_k_weights.shape, dtype=torch.int64, device=hidden.device)
+        key = self._key(group, first_object, hidden, index, top_k_weights, act_fn)
+        if key not in self._graphs and self._may_capture(key):
+            self._capture(key, group, first_object, hidden, index, top_k_weights, act_fn, count=False)
+            self.pager.forget(group)
+        return key in self._graphs
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._failed.clear()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def _layer(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        experts = top_k_index.reshape(-1)
+        objects = torch.where((experts >= 0) & (experts < self.experts_per_layer), experts + first_object, -1)
+        wave = self.pager.page(group, objects, top_k_weights.shape[-1])
+        self.copier.copy(group, wave.missing, wave.victims, wave.count)
+        weights = self.weights[group]
+        out = pair_buffer(hidden, top_k_weights, weights)
+        compute_wave(hidden, top_k_weights, wave.index, experts.numel(), weights, act_fn, out)
+        out.masked_fill_((wave.pair_slot < 0).unsqueeze(-1), 0)  # rows past the last slot's are not computed
+        return sum_pairs(out, hidden.shape[0], hidden.dtype)
+
+    def _key(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+             top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple:
+        return (group, first_object, tuple(hidden.shape), hidden.dtype, tuple(top_k_index.shape), top_k_index.dtype,
+                tuple(top_k_weights.shape), top_k_weights.dtype, act_fn)
+
+    def _may_capture(self, key: tuple) -> bool:
+        return self.use_graphs and key not in self._failed and len(self._graphs) < self.max_graphs
+
+    def _capture(self, key: tuple, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor], *,
+                 count: bool) -> torch.Tensor:
+        """Capture this layer's graph; returns the first warm-up's output, which is this layer's (and, with
+        ``count``, the one warm-up whose paging the counters keep)."""
+        static = hidden.clone(), top_k_index.clone(), top_k_weights.clone()
+        saved = self.pager.save_counts()
+        current = torch.cuda.current_stream(hidden.device)
+        side = torch.cuda.Stream(device=hidden.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            first = self._layer(group, first_object, *static, act_fn)
+            if count:
+                saved = self.pager.save_counts()
+            for _ in range(WARMUP_RUNS - 1):
+                self._layer(group, first_object, *static, act_fn)
+        current.wait_stream(side)
+        first.record_stream(current)  # the caller uses it on its stream
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self._layer(group, first_object, *static, act_fn)
+        except RuntimeError as exc:  # an op that cannot be captured: this shape stays eager
+            self._failed.add(key)
+            log.warning("device pager graphs: capturing a layer of %d token(s) on slot group %d failed (%s); it "
+                        "runs eagerly", hidden.shape[0], group, exc)
+        else:
+            self._graphs[key] = _Captured(graph, *static, out)
+        finally:
+            self.pager.restore_counts(saved)
+        return first

@@ -1,0 +1,84 @@
+"""Block copies listed on the device: the GPU reads each block straight from its home, no host call per block.
+
+``BlockCopier`` serves a pager whose decisions never leave the GPU (``residency.device_pager``): the
+host cannot issue a ``cudaMemcpyAsync`` per miss without first reading the misses back, so on a GPU
+the copies are one Triton kernel launch whose threads read the homes through unified virtual
+addressing (the host address of pinned or registered memory is valid on the device); measured on
+the H100: 45.8-48.7 GB/s at 1-4 KiB rows against 55 GB/s for the copy engines. On a CPU the same
+copies run as tensor copies (tests), reading the count back.
+
+Invariants: every home is validated once, at construction (contiguous, ``block_bytes`` long, pinned
+when the slots are on a GPU), and its holder keeps it alive and in place while the copier lives;
+a copy only reads homes and writes the listed slot rows, on the current stream, graph-capturable on
+a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Sequence
+
+import torch
+
+from tiermem.errors import ConfigError, TransferError
+
+KERNEL_MODULE = "tiermem.transfer.uva_copy_kernel"  # imports Triton (the optional [gpu] extra): loaded on first use
+BLOCK_WORDS = 2048  # 8-byte words one program copies per item (16 KiB)
+NUM_WARPS = 8
+PROGRAMS_PER_SM = 4  # programs in flight per SM: enough reads outstanding to fill the link
+
+
+class BlockCopier:
+    """Copies blocks of ``homes`` (``homes[g][o]``: object ``o`` of group ``g``) into rows of ``slots[g]``."""
+
+    def __init__(self, homes: Sequence[Sequence[torch.Tensor]], slots: Sequence[torch.Tensor]) -> None:
+        if len(homes) != len(slots) or not slots:
+            raise ConfigError(f"uva copy: {len(homes)} home group(s) for {len(slots)} slot group(s); give one each")
+        block_bytes = slots[0].shape[1]
+        if block_bytes % 8:
+            raise ConfigError(f"uva copy: blocks of {block_bytes} bytes; the copy moves 8-byte words, so pad "
+                              "blocks to a multiple of 8 bytes")
+        self.block_bytes, self.device = block_bytes, slots[0].device
+        self.slots = [s.view(torch.int64) for s in slots]
+        self.homes = [list(group) for group in homes]
+        for g, group in enumerate(self.homes):
+            for o, home in enumerate(group):
+                _check_home(home, block_bytes, self.device, g, o)
+        self._addresses = None
+        if self.device.type == "cuda":
+            width = max(len(group) for group in self.homes)
+            table = torch.zeros((len(homes), width), dtype=torch.int64)
+            for g, group in enumerate(self.homes):
+                table[g, :len(group)] = torch.tensor([home.data_ptr() for home in group], dtype=torch.int64)
+            self._addresses = table.to(self.device)
+            self._grid = (torch.cuda.get_device_properties(self.device).multi_processor_count * PROGRAMS_PER_SM,)
+
+    def copy(self, group: int, objects: torch.Tensor, slots: torch.Tensor, count: torch.Tensor) -> None:
+        """Copy home ``objects[i]`` into slot row ``slots[i]`` of ``group`` for ``i < count[0]`` (all on the device)."""
+        if self._addresses is None:
+            for obj, slot in zip(objects[:int(count)].tolist(), slots[:int(count)].tolist()):
+                self.slots[group][slot].copy_(self.homes[group][obj].view(torch.int64))
+            return
+        _kernel()[self._grid](self._addresses[group], objects, slots, count, self.slots[group],
+                              self.block_bytes // 8, BLOCK=BLOCK_WORDS, num_warps=NUM_WARPS)
+
+
+def _check_home(home: torch.Tensor, block_bytes: int, device: torch.device, group: int, index: int) -> None:
+    nbytes = home.numel() * home.element_size()
+    if not home.is_contiguous() or nbytes != block_bytes or home.data_ptr() % 8:
+        raise ConfigError(f"uva copy: home {index} of group {group} must be one contiguous, 8-byte aligned block of "
+                          f"{block_bytes} bytes; got {nbytes} bytes, contiguous={home.is_contiguous()}, "
+                          f"address {home.data_ptr():#x}")
+    if device.type == "cuda" and home.device.type == "cpu" and not home.is_pinned():
+        raise TransferError(f"uva copy: home {index} of group {group} is pageable host memory, which the GPU cannot "
+                            "read; keep the homes on a host tier (pinned/registered) or in HBM")
+
+
+@functools.cache
+def _kernel():
+    try:
+        return importlib.import_module(KERNEL_MODULE).copy_blocks_kernel
+    except ImportError:
+        raise TransferError("uva copy: Triton is not installed; install tiermem[gpu] or use the host pager "
+                            "(pager='host')") from None
