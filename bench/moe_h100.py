@@ -28,7 +28,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tiermem.bench.moe import add_run_options, run_suite
+from tiermem.bench.moe import MODES, add_run_options, run_suite
 from tiermem.bench.moe_report import print_summary, print_table
 
 TIME_GUARD_S = 390.0  # start no workload after this: the device call must end within 8 minutes
@@ -47,7 +47,7 @@ EXTRA = (("qwen3-30b-a3b@moe-lm", (0.25, 0.5), (1, 8), 160),)
 
 
 PHASES = ("route_sync", "route", "stats", "demand_plan", "demand_submit", "predict", "prefetch_plan",
-          "prefetch_submit", "compute", "total")
+          "prefetch_submit", "compute", "device", "total")
 
 
 def print_host_phases(records: list[dict]) -> None:
@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--traces-dir", default=".traces", help="folder holding the shared .npz traces")
     parser.add_argument("--quick", action="store_true", help="one small workload")
     add_run_options(parser)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to run (default: all)")
     parser.add_argument("--only", nargs="+", choices=[w for w, *_ in FULL + EXTRA],
                         help="run just these workloads (of the full suite, or the extra ones)")
     options = parser.parse_args()
@@ -84,7 +85,7 @@ def main() -> int:
             continue
         args = argparse.Namespace(
             workloads=[workload], fractions=list(fractions), batches=list(batches), max_steps=max_steps,
-            modes=["all_hbm", "lru", "lfu", "tiermem"], traces_dir=options.traces_dir, device="cuda",
+            modes=options.modes, traces_dir=options.traces_dir, device="cuda",
             out=str(out / workload.replace("@", "_")), quick=options.quick,
             prefetch_distance=options.prefetch_distance, prefetch_experts=options.prefetch_experts,
             prefetch_min_score=options.prefetch_min_score, compute=options.compute, cuda_graphs=options.cuda_graphs,

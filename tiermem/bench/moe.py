@@ -11,6 +11,10 @@ store and steps:
 | lru       | on-demand fetch, LRU eviction (SGLang paged experts, mixtral-offloading)        |
 | lfu       | on-demand fetch, LFU eviction (MoE-Infinity)                                    |
 | tiermem   | prediction-aware eviction + prefetch (``--predictor``, cross-fitted)            |
+| device_lru| on-demand LRU paged on the GPU (``pager="device"``): no host sync per layer;    |
+|           | only where a layer's pairs fit its slot group (batch x top-k <= slots)          |
+| device_tiermem | the device pager evicting by the cross-fitted co-occurrence step table     |
+|           | (``policy="predicted"``), where device_lru runs and the predictor has one       |
 
 Steps are the simulator's (``tiermem.simulate``): static batches of whole sequences, step-aligned,
 each batch starting with a cold cache; the simulator's LRU/LFU/Belady hit rates on the very same
@@ -45,18 +49,21 @@ from tiermem.bench.moe_workloads import (
 )
 from tiermem.experts.layout import ExpertLayout
 from tiermem.experts.placement import single_tier
-from tiermem.experts.runtime import ExpertCompute, ExpertRuntime, OffloadConfig
+from tiermem.experts.runtime import ExpertCompute, ExpertRuntime, OffloadConfig, Pager
 from tiermem.experts.store import ExpertStore
 from tiermem.manager import ManagerConfig, TierManager
 from tiermem.predict import PREDICTORS
 from tiermem.prefetch.prefetcher import PrefetchConfig
+from tiermem.residency.slots import slots_for_fraction
 from tiermem.simulate.engine import SimConfig, simulate
 from tiermem.simulate.steps import Step
 from tiermem.simulate.trace import SimTrace
+from tiermem.transfer.uva_copy import BlockCopier
 
 log = logging.getLogger("tiermem.bench")
 
-MODES = ("all_hbm", "lru", "lfu", "tiermem")
+MODES = ("all_hbm", "lru", "lfu", "tiermem", "device_lru", "device_tiermem")
+DEVICE_MODES = ("device_lru", "device_tiermem")
 
 
 def build_store(manager: TierManager, shape: ExpertShape, layers: tuple[int, ...], device: torch.device,
@@ -81,13 +88,15 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     """Replay ``steps`` through one runtime; returns the record of the run. ``predictor`` serves tiermem mode
     (without one, tiermem mode is LFU without prefetch)."""
     shape = work.shape
-    predictor = predictor if mode == "tiermem" else None
-    policy = {"all_hbm": "lru", "lru": "lru", "lfu": "lfu", "tiermem": "predicted" if predictor else "lfu"}[mode]
+    predictor = predictor if mode in ("tiermem", "device_tiermem") else None
+    policy = {"all_hbm": "lru", "lru": "lru", "lfu": "lfu", "tiermem": "predicted" if predictor else "lfu",
+              "device_lru": "lru", "device_tiermem": "predicted"}[mode]
     config = OffloadConfig(resident_fraction=1.0 if mode == "all_hbm" else fraction, policy=policy,
                            prefetch=prefetch if predictor else PrefetchConfig(distance=0), time_host_phases=True,
-                           compute=compute, cuda_graphs=cuda_graphs)
+                           compute=compute, cuda_graphs=cuda_graphs,
+                           pager=Pager.DEVICE if mode in DEVICE_MODES else Pager.HOST)
     runtime = ExpertRuntime(store, config, device=device, top_k=shape.top_k, predictor=predictor)
-    router_inputs = recorded_router_inputs(work, steps) if predictor is not None else None
+    router_inputs = recorded_router_inputs(work, steps) if predictor is not None and mode == "tiermem" else None
     # the routing of every step on the device before the timed loop, as a model's routers leave it there:
     # each layer's routing then reaches the host through the runtime's one wait on the GPU per layer
     indices = [[torch.from_numpy(step.experts[:, layer].astype(np.int64)).to(device) for layer in store.layers]
@@ -115,7 +124,7 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     stats = runtime.stats()
     runtime.close()
     moved = stats["demand_bytes"] + stats["prefetch_bytes"]
-    return {"mode": mode, "policy": policy, "predictor": predictor.name if predictor else None,
+    return {"mode": mode, "policy": policy, "pager": stats["pager"], "predictor": predictor.name if predictor else None,
             "compute": compute.value, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (
@@ -173,6 +182,24 @@ def expert_load_gbps(store: ExpertStore, device: torch.device, count: int, per_s
     return best
 
 
+def device_load_gbps(store: ExpertStore, device: torch.device, count: int, repeats: int = 5) -> float:
+    """Bandwidth of the device pager's copy kernel: ``count`` experts read from their homes by one launch,
+    timed by CUDA events (best of ``repeats``), for comparison with the raw copy engine."""
+    keys = [store.key_at(i % len(store.layers), i % store.num_experts) for i in range(count)]
+    slots = torch.empty((count, store.layout.block_bytes), dtype=torch.uint8, device=device)
+    copier = BlockCopier([[store.home(key) for key in keys]], [slots])
+    rows, counted = torch.arange(count, device=device), torch.tensor([count], device=device)
+    best = 0.0
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        copier.copy(0, rows, rows, counted)
+        end.record()
+        end.synchronize()
+        best = max(best, count * store.layout.block_bytes / (start.elapsed_time(end) / 1e3) / 1e9)
+    return best
+
+
 def _warm_all(runtime: ExpertRuntime, store: ExpertStore, hidden: torch.Tensor, weights: torch.Tensor) -> None:
     """Load every expert once (all slots) so that the timed replay never copies."""
     k = runtime.top_k
@@ -182,7 +209,7 @@ def _warm_all(runtime: ExpertRuntime, store: ExpertStore, hidden: torch.Tensor, 
             index = torch.tensor([ids], dtype=torch.int64, device=hidden.device)
             runtime.run_layer(layer, hidden[:1], index, weights[:1], F.silu)
     runtime.prefetcher.drain()
-    runtime.prefetcher.reset_stats()
+    runtime.reset_stats()
 
 
 def _subset(trace: SimTrace, seqs: list[int]) -> SimTrace:
@@ -238,11 +265,14 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
             count = min(64, len(layers) * work.shape.num_experts, max(4, (4 << 30) // store.layout.block_bytes))
             loads_gbps = expert_load_gbps(store, device, count, per_submit=work.shape.top_k)
             header.update(raw_copy_gbps=raw_gbps, expert_load_gbps=loads_gbps, transfer_efficiency=loads_gbps / raw_gbps)
+            if "device_lru" in args.modes:
+                kernel_gbps = device_load_gbps(store, device, count)
+                header.update(device_load_gbps=kernel_gbps, device_transfer_efficiency=kernel_gbps / raw_gbps)
         prefetch = PrefetchConfig(distance=args.prefetch_distance, objects_per_layer=args.prefetch_experts,
                                   min_score=args.prefetch_min_score, link_gbps=raw_gbps)
         emit(header)
         predictor = CrossFitted(work.routes, args.prefetch_distance, args.predictor) \
-            if "tiermem" in args.modes and work.routes is not None else None
+            if {"tiermem", "device_tiermem"} & set(args.modes) and work.routes is not None else None
         for batch in args.batches:
             steps, seqs = batch_steps(work.trace, batch, args.max_steps if batch == 1 else max(args.max_steps // 4, 8))
             compute_only = None
@@ -251,7 +281,10 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
                                         prefetch=prefetch, compute=compute, cuda_graphs=args.cuda_graphs)
                 emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": 1.0, **compute_only})
             for fraction in args.fractions:
-                rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes if m != "all_hbm"}
+                fits = batch * work.shape.top_k <= slots_for_fraction(fraction, work.shape.num_experts)
+                has_step = predictor is not None and all(hasattr(m, "step") for m in predictor.models)
+                rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes if m != "all_hbm" and (
+                    m not in DEVICE_MODES or fits) and (m != "device_tiermem" or has_step)}
                 modes = list(rounds)
                 for r in range(args.rounds):  # modes interleaved and rotated: each leads a round in turn, so host
                     # jitter, and a drift within a round, fall on every mode alike
@@ -293,6 +326,14 @@ def _summary(work: Workload, batch: int, fraction: float, runs: dict[str, dict[s
         record["tokens_per_s_vs_lru"] = runs["tiermem"]["tokens_per_s"] / runs["lru"]["tokens_per_s"]
         record["round_tokens_per_s_vs_lru"] = [t / lru for t, lru in zip(runs["tiermem"]["round_tokens_per_s"],
                                                                          runs["lru"]["round_tokens_per_s"])]
+    for mode in (m for m in DEVICE_MODES if m in runs and "lru" in runs):
+        record[f"{mode}_vs_lru"] = runs[mode]["tokens_per_s"] / runs["lru"]["tokens_per_s"]
+        record[f"round_{mode}_vs_lru"] = [t / lru for t, lru in zip(runs[mode]["round_tokens_per_s"],
+                                                                    runs["lru"]["round_tokens_per_s"])]
+    if "device_tiermem" in runs and "lru" in runs:
+        gap = simulated["sim_belady"] - runs["lru"]["hit_rate"]
+        record["device_tiermem_gap_closed"] = (runs["device_tiermem"]["hit_rate"] - runs["lru"]["hit_rate"]) / gap \
+            if gap > 0 else None
     return record
 
 

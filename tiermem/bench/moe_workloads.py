@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tiermem.config import from_dict
+from tiermem.errors import ConfigError
 from tiermem.predict import PREDICTORS
 from tiermem.predict.base import Predictor, RouteContext
 from tiermem.predict.trace import RouteTrace
@@ -91,6 +92,18 @@ class CrossFitted:
         parity = self._seqs % 2
         self._single = self.models[int(parity[0])] if parity.size and (parity == parity[0]).all() else None
         self._rows = [np.flatnonzero(parity == p) for p in (0, 1)]
+
+    @property
+    def step(self) -> np.ndarray:
+        """The step table (``[L, E, E]``) of the model serving this step's rows, for the device pager's predicted
+        eviction; only where one model serves every row (always at batch 1)."""
+        if not hasattr(self.models[0], "step"):
+            raise ConfigError(f"bench predictor: {self.name} has no step table; the device pager's predicted eviction "
+                              "needs one (cooccurrence)")
+        if self._single is None:
+            raise ConfigError("bench predictor: this step's rows come from both halves of the sequences, and one "
+                              "step table cannot serve both without leaking; use batch 1 with the device pager")
+        return self._single.step
 
     def predict(self, context: RouteContext, distance: int) -> np.ndarray:
         if self._single is not None:  # one model serves every row (always at batch 1): predict once
