@@ -26,6 +26,20 @@ def _tiny_qwen3(seed: int) -> tuple[torch.nn.Module, int]:
     return model, common["vocab_size"]
 
 
+def _check_bit_identical(model: torch.nn.Module, prompts: list[torch.Tensor], config: dict, predictor=None,
+                         inspect=lambda handle: None) -> dict:
+    """Assert that the offloaded model's logits equal the resident model's on ``prompts``; returns its stats."""
+    with torch.no_grad():
+        expected = [model(ids).logits for ids in prompts]
+        handle = offload(model, tier="dram", config=config, predictor=predictor)
+        got = [model(ids).logits for ids in prompts]
+    inspect(handle)
+    stats = handle.stats()
+    handle.close()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    return stats
+
+
 @pytest.mark.parametrize("config", [
     {"resident_fraction": 0.5, "pager": "device"},
     {"resident_fraction": 0.5, "pager": "device", "policy": "lfu"},
@@ -34,13 +48,7 @@ def _tiny_qwen3(seed: int) -> tuple[torch.nn.Module, int]:
 def test_device_paged_logits_are_bit_identical_to_the_resident_model(config):
     model, vocab = _tiny_qwen3(seed=5)
     prompts = [torch.randint(0, vocab, (batch, 1)) for batch in (1, 2, 1, 1, 2, 1, 2, 2, 1)]
-    with torch.no_grad():
-        expected = [model(ids).logits for ids in prompts]
-        handle = offload(model, tier="dram", config=config)
-        got = [model(ids).logits for ids in prompts]
-    stats = handle.stats()
-    handle.close()
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    stats = _check_bit_identical(model, prompts, config)
     pairs = 2 * sum(ids.shape[0] for ids in prompts) * 2  # top-2, 2 layers
     assert stats["pager"] == "device" and stats["demands"] <= pairs
     assert stats["misses"] > 0 and 0.0 < stats["hit_rate"] < 1.0 and stats["hits"] + stats["misses"] == stats["demands"]
@@ -66,17 +74,13 @@ class StepTable(FirstExperts):
 
 def test_predicted_eviction_on_the_device_reads_the_predictors_step_table():
     model, vocab = _tiny_qwen3(seed=10)
-    prompts = [torch.randint(0, vocab, (1, 1)) for _ in range(12)]
     predictor = StepTable()
-    with torch.no_grad():
-        expected = [model(ids).logits for ids in prompts]
-        handle = offload(model, tier="dram", config={"resident_fraction": 0.5, "pager": "device"}, predictor=predictor)
-        got = [model(ids).logits for ids in prompts]
-    pager = handle.runtime._device.pager
-    assert pager.policy == "predicted" and handle.stats()["misses"] > 0
-    assert torch.equal(pager.scores.cpu(), torch.from_numpy(predictor.step).mul(1 << 20).to(torch.int64))
-    handle.close()
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    tables = []
+    stats = _check_bit_identical(model, [torch.randint(0, vocab, (1, 1)) for _ in range(12)],
+                                 {"resident_fraction": 0.5, "pager": "device"}, predictor,
+                                 inspect=lambda handle: tables.append(handle.runtime._device.pager.scores.cpu()))
+    assert stats["policy"] == "predicted" and stats["misses"] > 0
+    assert torch.equal(tables[0], torch.from_numpy(predictor.step).mul(1 << 20).to(torch.int64))
 
 
 @pytest.mark.parametrize("config, predictor, match", [
@@ -120,14 +124,8 @@ def test_device_pager_on_the_gpu_is_bit_identical_with_graphs_and_without():
     for graphs in (True, False):
         model = _qwen3_on_gpu(seed=9)  # 32 experts, top-4: 8 slots per layer at 25%
         prompts = [torch.randint(0, 256, (batch, 1), device="cuda") for batch in (1, 2, 1, 1, 2, 1, 1, 2)]
-        config = {"resident_fraction": 0.25, "pager": "device", "cuda_graphs": graphs}
-        with torch.no_grad():
-            expected = [model(ids).logits for ids in prompts]
-            handle = offload(model, tier="dram", config=config)
-            got = [model(ids).logits for ids in prompts]
-        stats = handle.stats()
-        handle.close()
-        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+        stats = _check_bit_identical(model, prompts, {"resident_fraction": 0.25, "pager": "device",
+                                                      "cuda_graphs": graphs})
         assert stats["misses"] > 0 and stats["hits"] > 0
         assert (stats["graph_replays"] > stats["graphs_captured"] > 0) == graphs
 

@@ -6,6 +6,9 @@ ids -> ``DevicePager.page`` (slots, copies and the wave index, on the device) ->
 ``grouped.compute_wave`` over the slot group -> sum over top-k. The host never reads the routing,
 so it runs ahead of the GPU by whole layers; on a GPU each (group, shape) is captured once in a
 CUDA graph and replayed, so a layer costs the host three input copies, one replay and one clone.
+``build_device_pager`` assembles it for a runtime's store and cache, ``device_stats`` reports its
+counters in the host pager's terms, and ``check_step_table`` checks a predictor for its predicted
+eviction.
 
 Invariants:
 - every pair of a layer is in the one wave: the caller checks ``pairs <= slots_per_group`` (a
@@ -27,14 +30,18 @@ from dataclasses import dataclass
 
 import torch
 
-from tiermem.errors import CapacityError
+from tiermem.errors import CapacityError, ConfigError
+from tiermem.experts.cache import ExpertCache
+from tiermem.experts.graphs import WARMUP_RUNS
 from tiermem.experts.grouped import SlotWeights, compute_wave, pair_buffer, sum_pairs
+from tiermem.experts.store import ExpertStore
+from tiermem.predict.base import Predictor
+from tiermem.prefetch.stats import PrefetchStats
 from tiermem.residency.device_pager import DevicePager
+from tiermem.residency.slots import SlotLayout
 from tiermem.transfer.uva_copy import BlockCopier
 
 log = logging.getLogger("tiermem.experts")
-
-WARMUP_RUNS = 2  # eager runs on a side stream before capture: Triton compiles and lazy library state is made
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,3 +160,48 @@ class DevicePagedLayers:
         finally:
             self.pager.restore_counts(saved)
         return first
+
+
+def build_device_pager(store: ExpertStore, cache: ExpertCache, weights: Sequence[SlotWeights], policy: str, *,
+                       cuda_graphs: bool) -> DevicePagedLayers:
+    """The device pager over ``cache``'s slot groups and ``store``'s homes (validated here)."""
+    hooked = sorted(t for t in store.placement.tiers if store.manager.tier(t).io_hooked)
+    if hooked:
+        raise ConfigError(f"expert runtime: the device pager's kernel reads the homes directly, past the I/O hooks "
+                          f"of tier(s) {hooked} (modelled time, injected faults); use pager='host' with them")
+    per_group = cache.pool.slots_per_group
+    positions = range(len(store.layers))
+    groups = [[p] for p in positions] if cache.slot_layout is SlotLayout.PER_LAYER else [list(positions)]
+    homes = [[store.home(store.key_at(p, e)) for p in group for e in range(store.num_experts)] for group in groups]
+    pager = DevicePager(num_groups=cache.num_groups, slots_per_group=per_group, objects_per_group=len(homes[0]),
+                        device=cache.device, policy=policy)
+    copier = BlockCopier(homes, [cache.memory[g * per_group:(g + 1) * per_group] for g in range(cache.num_groups)])
+    return DevicePagedLayers(pager, copier, weights, experts_per_layer=store.num_experts, cuda_graphs=cuda_graphs)
+
+
+def device_stats(pager: DevicePager, store: ExpertStore, slot_layout: SlotLayout) -> PrefetchStats:
+    """The device pager's counters in the host pager's terms (demands are distinct experts per layer)."""
+    needed, loads = pager.stats()
+    block = store.layout.block_bytes
+    stats = PrefetchStats(demands=needed, misses=int(loads.sum()), demand_bytes=int(loads.sum()) * block)
+    stats.hits = needed - stats.misses
+    for group, counts in enumerate(loads.tolist()):
+        for obj, copies in enumerate(counts):
+            if copies:
+                position, expert = (group, obj) if slot_layout is SlotLayout.PER_LAYER else divmod(obj, store.num_experts)
+                stats.bytes_by_tier[store.tier_of(store.key_at(position, expert))] += copies * block
+    return stats
+
+
+def check_step_table(predictor: Predictor, policy: str, *, per_layer: bool) -> None:
+    """The device pager reads a predictor only as a step table ``[layers, experts, experts]`` (``predictor.step``:
+    P(expert j at a layer | expert i at that layer one token earlier), a co-occurrence predictor's)."""
+    if policy != "predicted":
+        raise ConfigError(f"expert runtime: the device pager evicts by {policy} and would ignore the predictor; "
+                          "use policy='predicted' or drop the predictor")
+    if not (hasattr(type(predictor), "step") or hasattr(predictor, "step")):  # a property is not called here
+        raise ConfigError(f"expert runtime: the device pager ranks slots by a step table (predictor.step, as the "
+                          f"cooccurrence predictor has); {type(predictor).__name__} has none; use pager='host' for it")
+    if not per_layer:
+        raise ConfigError("expert runtime: the device pager's predicted eviction scores each layer's slots with its "
+                          "layer's step table; use slot_layout='per_layer'")

@@ -43,7 +43,7 @@ from tiermem.experts.grouped import (
 
 log = logging.getLogger("tiermem.experts")
 
-WARMUP_RUNS = 2  # eager runs on a side stream before capture: lazy library state is created outside the graph
+WARMUP_RUNS = 2  # eager runs on a side stream before capture: lazy library state (and Triton's compiles) made outside
 
 
 @dataclass(frozen=True, eq=False)

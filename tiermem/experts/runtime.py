@@ -12,7 +12,9 @@ compute -> predict and prefetch the next layers. Two ways to compute, chosen by 
   last wave's launches, so its host time overlaps the GPU's work on this layer and its copies do not
   compete with a later wave's misses for the link.
 
-Either way the output is bit-identical to the all-resident module computed the same way. Inference
+Either way the output is bit-identical to the all-resident module computed the same way. With
+``pager="device"`` none of the above runs on the host: ``tiermem.experts.device_layer`` pages,
+copies and computes each layer on the GPU (grouped, on demand, one CUDA graph per layer). Inference
 only: slot weights are not parameters and carry no gradients.
 """
 
@@ -32,19 +34,17 @@ from tiermem.config import format_bytes, option, require
 from tiermem.errors import CapacityError, ConfigError
 from tiermem.experts.cache import ExpertCache
 from tiermem.experts.compute import combine, expert_output, route
-from tiermem.experts.device_layer import DevicePagedLayers
+from tiermem.experts.device_layer import build_device_pager, check_step_table, device_stats
 from tiermem.experts.graphs import WaveGraphs
 from tiermem.experts.grouped import SlotWeights, compile_now, pair_buffer, run_wave, sum_pairs, wave_rows
 from tiermem.experts.routes import RouteTracker
 from tiermem.experts.store import ExpertStore
 from tiermem.predict.base import Predictor, RouteContext
 from tiermem.prefetch.prefetcher import PrefetchConfig, Prefetcher
-from tiermem.prefetch.stats import HostPhases, PrefetchStats
-from tiermem.residency.device_pager import DevicePager
+from tiermem.prefetch.stats import HostPhases
 from tiermem.residency.policies import EVICTION_POLICIES, PolicySignals
 from tiermem.residency.signals import ActivationCounts, PredictionScores
 from tiermem.residency.slots import SlotLayout, SlotPool, slots_for_fraction
-from tiermem.transfer.uva_copy import BlockCopier
 from tiermem.types import ObjectKey
 
 log = logging.getLogger("tiermem.experts")
@@ -118,12 +118,14 @@ class ExpertRuntime:
                 "layers (a prefetch may not target a layer's use after the next)"
             )
         policy = config.policy or ("predicted" if predictor is not None else "lru")
-        if config.pager is Pager.DEVICE and predictor is not None:
-            _check_step_table(predictor, config, policy)
-        if policy == "predicted" and (predictor is None or (config.prefetch.distance == 0 and
-                                                             config.pager is Pager.HOST)):
-            raise ConfigError("expert runtime: policy 'predicted' ranks by predictions; give a predictor and a "
+        if policy == "predicted" and predictor is None:
+            raise ConfigError("expert runtime: policy 'predicted' ranks by predictions; give a predictor, or choose "
+                              "'lru'/'lfu'")
+        if policy == "predicted" and config.pager is Pager.HOST and config.prefetch.distance == 0:
+            raise ConfigError("expert runtime: policy 'predicted' ranks by the predictions of the prefetch; give a "
                               "prefetch distance > 0, or choose 'lru'/'lfu'")
+        if config.pager is Pager.DEVICE and predictor is not None:
+            check_step_table(predictor, policy, per_layer=config.slot_layout is SlotLayout.PER_LAYER)
         self.store = store
         self.config = config
         self.top_k = top_k
@@ -149,7 +151,8 @@ class ExpertRuntime:
                                   for g in range(self.cache.num_groups)]
         use_graphs = self.compute is ExpertCompute.GROUPED and config.cuda_graphs and self.cache.device.type == "cuda"
         self._graphs = WaveGraphs(self._slot_weights) if use_graphs else None
-        self._device = self._device_pager(policy) if config.pager is Pager.DEVICE else None
+        self._device = build_device_pager(store, self.cache, self._slot_weights, policy, cuda_graphs=config.cuda_graphs) \
+            if config.pager is Pager.DEVICE else None
         self._predictor = predictor
         self._scores_from: Any = None  # the step table now in the device pager (predicted policy)
         self.tracker = RouteTracker(num_layers=num_layers, num_experts=store.num_experts, top_k=top_k)
@@ -286,8 +289,10 @@ class ExpertRuntime:
 
     def stats(self) -> dict[str, Any]:
         """Hit rate, prefetch precision/recall, bytes moved per tier, stall time, and the cache's shape."""
-        counters = (self.prefetcher.collect_stats() if self._device is None else self._device_stats()).as_dict()
-        if self._device is not None:
+        if self._device is None:
+            counters = self.prefetcher.collect_stats().as_dict()
+        else:
+            counters = device_stats(self._device.pager, self.store, self.cache.slot_layout).as_dict()
             counters["stall_s"] = None  # the host never waits per layer, so there is no host-side stall to time
         graphs = self._graphs if self._device is None else self._device
         return {
@@ -318,52 +323,6 @@ class ExpertRuntime:
         self.prefetcher.drain()
         self._slot_weights = []  # views of the slots: they would keep the HBM alive
         self.cache.release()
-
-    def _device_pager(self, policy: str) -> DevicePagedLayers:
-        """The device pager over this runtime's slot groups and the store's homes (validated here)."""
-        store, cache = self.store, self.cache
-        hooked = sorted(t for t in store.placement.tiers if store.manager.tier(t).io_hooked)
-        if hooked:
-            raise ConfigError(f"expert runtime: the device pager's kernel reads the homes directly, past the I/O hooks "
-                              f"of tier(s) {hooked} (modelled time, injected faults); use pager='host' with them")
-        per_group = cache.pool.slots_per_group
-        layer_groups = [[p] for p in range(len(store.layers))] if cache.slot_layout is SlotLayout.PER_LAYER \
-            else [list(range(len(store.layers)))]
-        homes = [[store.home(store.key_at(p, e)) for p in positions for e in range(store.num_experts)]
-                 for positions in layer_groups]
-        pager = DevicePager(num_groups=cache.num_groups, slots_per_group=per_group,
-                            objects_per_group=len(homes[0]), device=cache.device, policy=policy)
-        copier = BlockCopier(homes, [cache.memory[g * per_group:(g + 1) * per_group] for g in range(cache.num_groups)])
-        return DevicePagedLayers(pager, copier, self._slot_weights, experts_per_layer=store.num_experts,
-                                 cuda_graphs=self.config.cuda_graphs)
-
-    def _device_stats(self) -> PrefetchStats:
-        """The device pager's counters in the host pager's terms (demands are distinct experts per layer)."""
-        needed, loads = self._device.pager.stats()
-        store, block = self.store, self.store.layout.block_bytes
-        stats = PrefetchStats(demands=needed, misses=int(loads.sum()), demand_bytes=int(loads.sum()) * block)
-        stats.hits = needed - stats.misses
-        per_layer = self.cache.slot_layout is SlotLayout.PER_LAYER
-        for group, counts in enumerate(loads.tolist()):
-            for obj, copies in enumerate(counts):
-                if copies:
-                    position, expert = (group, obj) if per_layer else divmod(obj, store.num_experts)
-                    stats.bytes_by_tier[store.tier_of(store.key_at(position, expert))] += copies * block
-        return stats
-
-
-def _check_step_table(predictor: Predictor, config: OffloadConfig, policy: str) -> None:
-    """The device pager reads a predictor only as a step table ``[layers, experts, experts]`` (``predictor.step``:
-    P(expert j at a layer | expert i at that layer one token earlier), a co-occurrence predictor's)."""
-    if policy != "predicted":
-        raise ConfigError(f"expert runtime: the device pager evicts by {policy} and would ignore the predictor; "
-                          "use policy='predicted' or drop the predictor")
-    if not (hasattr(type(predictor), "step") or hasattr(predictor, "step")):  # a property is not called here
-        raise ConfigError(f"expert runtime: the device pager ranks slots by a step table (predictor.step, as the "
-                          f"cooccurrence predictor has); {type(predictor).__name__} has none; use pager='host' for it")
-    if config.slot_layout is not SlotLayout.PER_LAYER:
-        raise ConfigError("expert runtime: the device pager's predicted eviction scores each layer's slots with its "
-                          "layer's step table; use slot_layout='per_layer'")
 
 
 def _slots_per_group(store: ExpertStore, config: OffloadConfig, top_k: int) -> int:
