@@ -6,6 +6,10 @@ copy kernel and the CUDA-graph replays, against transformers' ``grouped_mm`` exp
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -117,6 +121,27 @@ def test_block_copier_copies_the_listed_blocks_only_and_validates_homes():
         BlockCopier([[homes[0][0], torch.zeros(8, dtype=torch.uint8)]], [slots])
     with pytest.raises(ConfigError, match="multiple of 8 bytes"):
         BlockCopier([[torch.zeros(12, dtype=torch.uint8)]], [torch.zeros((1, 12), dtype=torch.uint8)])
+
+
+COPY_SCRIPT = r"""
+import torch
+from tiermem.transfer import uva_copy
+uva_copy.BLOCK_WORDS = 4  # several chunks per block, the last one partial
+homes = [[torch.randint(0, 255, (72,), dtype=torch.uint8) for _ in range(5)] for _ in range(2)]
+slots = [torch.zeros((3, 72), dtype=torch.uint8) for _ in range(2)]
+copier = uva_copy.BlockCopier(homes, slots, kernel=True)
+copier.copy(1, torch.tensor([4, 0, 2]), torch.tensor([2, 0, 1]), torch.tensor([2]))
+assert torch.equal(slots[1][2], homes[1][4]) and torch.equal(slots[1][0], homes[1][0]), "copied"
+assert not slots[1][1].any() and not slots[0].any(), "only the counted blocks of the group"
+print("ok")
+"""
+
+
+def test_the_copy_kernel_moves_the_counted_blocks_in_the_triton_interpreter():
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, "-c", COPY_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 @pytest.mark.gpu

@@ -32,7 +32,10 @@ PROGRAMS_PER_SM = 4  # programs in flight per SM: enough reads outstanding to fi
 class BlockCopier:
     """Copies blocks of ``homes`` (``homes[g][o]``: object ``o`` of group ``g``) into rows of ``slots[g]``."""
 
-    def __init__(self, homes: Sequence[Sequence[torch.Tensor]], slots: Sequence[torch.Tensor]) -> None:
+    def __init__(self, homes: Sequence[Sequence[torch.Tensor]], slots: Sequence[torch.Tensor], *,
+                 kernel: bool | None = None) -> None:
+        """``kernel``: copy with the Triton kernel (default: where the slots are on a GPU); True on a CPU runs it
+        in Triton's interpreter (tests)."""
         if len(homes) != len(slots) or not slots:
             raise ConfigError(f"uva copy: {len(homes)} home group(s) for {len(slots)} slot group(s); give one each")
         block_bytes = slots[0].shape[1]
@@ -46,13 +49,15 @@ class BlockCopier:
             for o, home in enumerate(group):
                 _check_home(home, block_bytes, self.device, g, o)
         self._addresses = None
-        if self.device.type == "cuda":
+        if kernel if kernel is not None else self.device.type == "cuda":
             width = max(len(group) for group in self.homes)
             table = torch.zeros((len(homes), width), dtype=torch.int64)
             for g, group in enumerate(self.homes):
                 table[g, :len(group)] = torch.tensor([home.data_ptr() for home in group], dtype=torch.int64)
             self._addresses = table.to(self.device)
-            self._grid = (torch.cuda.get_device_properties(self.device).multi_processor_count * PROGRAMS_PER_SM,)
+            programs = torch.cuda.get_device_properties(self.device).multi_processor_count \
+                if self.device.type == "cuda" else 2
+            self._grid = (programs * PROGRAMS_PER_SM,)
 
     def copy(self, group: int, objects: torch.Tensor, slots: torch.Tensor, count: torch.Tensor) -> None:
         """Copy home ``objects[i]`` into slot row ``slots[i]`` of ``group`` for ``i < count[0]`` (all on the device)."""
