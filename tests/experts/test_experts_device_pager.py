@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiermem.errors import CapacityError, ConfigError
+from tiermem.errors import ConfigError
 from tiermem.experts import offload
 from tiermem.manager import ManagerConfig, TierManager
 from tiermem.transfer.uva_copy import BlockCopier
@@ -60,13 +60,15 @@ def test_device_paged_logits_are_bit_identical_to_the_resident_model(config):
     assert stats["stall_s"] is None and stats["prefetch_loads"] == 0
 
 
-def test_a_layer_with_more_pairs_than_slots_says_to_use_the_host_pager():
+@pytest.mark.parametrize("config", [
+    {"resident_fraction": 0.5, "pager": "device"},
+    {"resident_fraction": 0.25, "pager": "device", "slot_layout": "shared", "policy": "lfu"},
+])
+def test_layers_with_more_pairs_than_slots_run_in_waves_and_stay_bit_identical(config):
     model, vocab = _tiny_qwen3(seed=6)
-    with torch.no_grad():
-        handle = offload(model, tier="dram", config={"resident_fraction": 0.5, "pager": "device"})  # 4 slots
-        with pytest.raises(CapacityError, match=r"6 routed pairs, more than the 4 slots.*pager='host'"):
-            model(torch.randint(0, vocab, (3, 1)))
-    handle.close()
+    prompts = [torch.randint(0, vocab, shape) for shape in ((3, 5), (1, 1), (2, 1), (4, 3), (1, 1))]  # prefills
+    stats = _check_bit_identical(model, prompts, config)
+    assert stats["misses"] > 0 and stats["hits"] > 0 and stats["hits"] + stats["misses"] == stats["demands"]
 
 
 class StepTable(FirstExperts):
@@ -148,7 +150,8 @@ def test_the_copy_kernel_moves_the_counted_blocks_in_the_triton_interpreter():
 def test_device_pager_on_the_gpu_is_bit_identical_with_graphs_and_without():
     for graphs in (True, False):
         model = _qwen3_on_gpu(seed=9)  # 32 experts, top-4: 8 slots per layer at 25%
-        prompts = [torch.randint(0, 256, (batch, 1), device="cuda") for batch in (1, 2, 1, 1, 2, 1, 1, 2)]
+        prompts = [torch.randint(0, 256, shape, device="cuda") for shape in  # a prefill of 4 x top-4 > 8 slots: waves
+                   ((1, 4), (1, 1), (2, 1), (1, 1), (1, 1), (2, 1), (1, 1), (1, 1), (2, 1))]
         stats = _check_bit_identical(model, prompts, {"resident_fraction": 0.25, "pager": "device",
                                                       "cuda_graphs": graphs})
         assert stats["misses"] > 0 and stats["hits"] > 0

@@ -11,10 +11,10 @@ store and steps:
 | lru       | on-demand fetch, LRU eviction (SGLang paged experts, mixtral-offloading)        |
 | lfu       | on-demand fetch, LFU eviction (MoE-Infinity)                                    |
 | tiermem   | prediction-aware eviction + prefetch (``--predictor``, cross-fitted)            |
-| device_lru| on-demand LRU paged on the GPU (``pager="device"``): no host sync per layer;    |
-|           | only where a layer's pairs fit its slot group (batch x top-k <= slots)          |
+| device_lru| on-demand LRU paged on the GPU (``pager="device"``): no host sync per layer     |
+|           | where its pairs fit its slot group (batch x top-k <= slots), else one, and waves |
 | device_tiermem | the device pager evicting by the cross-fitted co-occurrence step table     |
-|           | (``policy="predicted"``), where device_lru runs and the predictor has one       |
+|           | (``policy="predicted"``), at batch 1 (one step table per step) with a predictor |
 
 Steps are the simulator's (``tiermem.simulate``): static batches of whole sequences, step-aligned,
 each batch starting with a cold cache; the simulator's LRU/LFU/Belady hit rates on the very same
@@ -54,7 +54,6 @@ from tiermem.experts.store import ExpertStore
 from tiermem.manager import ManagerConfig, TierManager
 from tiermem.predict import PREDICTORS
 from tiermem.prefetch.prefetcher import PrefetchConfig
-from tiermem.residency.slots import slots_for_fraction
 from tiermem.simulate.engine import SimConfig, simulate
 from tiermem.simulate.steps import Step
 from tiermem.simulate.trace import SimTrace
@@ -281,10 +280,9 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
                                         prefetch=prefetch, compute=compute, cuda_graphs=args.cuda_graphs)
                 emit({"kind": "run", "workload": work.name, "batch": batch, "fraction": 1.0, **compute_only})
             for fraction in args.fractions:
-                fits = batch * work.shape.top_k <= slots_for_fraction(fraction, work.shape.num_experts)
-                has_step = predictor is not None and all(hasattr(m, "step") for m in predictor.models)
+                has_step = batch == 1 and predictor is not None and all(hasattr(m, "step") for m in predictor.models)
                 rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes if m != "all_hbm" and (
-                    m not in DEVICE_MODES or fits) and (m != "device_tiermem" or has_step)}
+                    m != "device_tiermem" or has_step)}
                 modes = list(rounds)
                 for r in range(args.rounds):  # modes interleaved and rotated: each leads a round in turn, so host
                     # jitter, and a drift within a round, fall on every mode alike

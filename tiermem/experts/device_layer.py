@@ -11,8 +11,10 @@ counters in the host pager's terms, and ``check_step_table`` checks a predictor 
 eviction.
 
 Invariants:
-- every pair of a layer is in the one wave: the caller checks ``pairs <= slots_per_group`` (a
-  static bound on the wave's distinct experts), since the device cannot split a wave;
+- a layer whose routed pairs fit its slot group (``pairs <= slots_per_group``, a static bound on its
+  distinct experts: decode at small batch) is one wave and never waits on the host; a larger layer
+  (a prefill) reads its routing back once and runs its distinct experts in waves of at most a
+  group's slots, resident ones first (eager, no graph);
 - the output is bit-identical to the host pager's grouped path and to transformers' ``grouped_mm``
   experts on the all-resident weights (each row computed by its own expert's GEMM group; dropped
   pairs are zero); slot choice never changes a value;
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tiermem.errors import CapacityError, ConfigError
+from tiermem.errors import ConfigError
 from tiermem.experts.cache import ExpertCache
 from tiermem.experts.graphs import WARMUP_RUNS
 from tiermem.experts.grouped import SlotWeights, compute_wave, pair_buffer, sum_pairs
@@ -70,14 +72,8 @@ class DevicePagedLayers:
     def run(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
             top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The routed experts' summed output ``[T, H]``; the layer's experts are objects ``first_object + e``."""
-        pairs = top_k_index.numel()
-        if pairs > self.pager.slots_per_group:
-            raise CapacityError(
-                f"device pager: a layer of {top_k_index.shape[0]} token(s) x top-{top_k_index.shape[-1]} has "
-                f"{pairs} routed pairs, more than the {self.pager.slots_per_group} slots of its group, and the device "
-                "cannot split a layer into waves; use pager='host' for this batch size, or give each group at least "
-                f"{pairs} slots"
-            )
+        if top_k_index.numel() > self.pager.slots_per_group:
+            return self._waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn)
         key = self._key(group, first_object, hidden, top_k_index, top_k_weights, act_fn)
         captured = self._graphs.get(key)
         if captured is None:
@@ -111,6 +107,12 @@ class DevicePagedLayers:
 
     def _layer(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return sum_pairs(self._pair_rows(group, first_object, hidden, top_k_index, top_k_weights, act_fn),
+                         hidden.shape[0], hidden.dtype)
+
+    def _pair_rows(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One wave: page, copy, compute; each pair's weighted expert output ``[T * K, H]`` (dropped pairs: zero)."""
         experts = top_k_index.reshape(-1)
         objects = torch.where((experts >= 0) & (experts < self.experts_per_layer), experts + first_object, -1)
         wave = self.pager.page(group, objects, top_k_weights.shape[-1])
@@ -118,7 +120,23 @@ class DevicePagedLayers:
         weights = self.weights[group]
         out = pair_buffer(hidden, top_k_weights, weights)
         compute_wave(hidden, top_k_weights, wave.index, experts.numel(), weights, act_fn, out)
-        out.masked_fill_((wave.pair_slot < 0).unsqueeze(-1), 0)  # rows past the last slot's are not computed
+        return out.masked_fill_((wave.pair_slot < 0).unsqueeze(-1), 0)  # rows past the last slot's are not computed
+
+    def _waves(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A layer with more routed pairs than its group has slots (a prefill): the host reads the routing and
+        which experts are resident (one synchronisation), then the distinct experts run in waves of at most a
+        group's slots, resident ones first, each paged, copied and computed on the device as a decode layer."""
+        experts = top_k_index.reshape(-1)
+        on_host = experts.cpu()
+        distinct = torch.unique(on_host[(on_host >= 0) & (on_host < self.experts_per_layer)])
+        resident = self.pager.object_slot[group, (distinct + first_object).to(self.pager.device)].cpu() >= 0
+        out = pair_buffer(hidden, top_k_weights, self.weights[group])
+        for chunk in torch.cat([distinct[resident], distinct[~resident]]).split(self.pager.slots_per_group):
+            member = torch.isin(experts, chunk.to(experts.device))
+            rows = self._pair_rows(group, first_object, hidden, torch.where(member, experts, -1).view_as(top_k_index),
+                                   top_k_weights, act_fn)
+            out = torch.where(member.unsqueeze(-1), rows, out)
         return sum_pairs(out, hidden.shape[0], hidden.dtype)
 
     def _key(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,

@@ -84,8 +84,8 @@ class OffloadConfig:
                                           "launches per layer).")
     pager: Pager = option(Pager.HOST, help="host: the host pages each layer (prefetch, predictors, any batch); "
                                            "device: the GPU pages on demand (lru, lfu, or predicted from a step "
-                                           "table; grouped compute; a layer's routed pairs within its slot group), "
-                                           "with no host sync per layer.")
+                                           "table; grouped compute), with no host sync for a layer whose routed "
+                                           "pairs fit its slot group (small-batch decode), one for a larger one.")
 
     def __post_init__(self) -> None:
         require((self.hbm_budget_bytes is None) != (self.resident_fraction is None), self,
