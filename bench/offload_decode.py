@@ -1,14 +1,17 @@
-"""Greedy decode of a transformers Qwen3-MoE through ``tiermem.offload``: all-resident vs host pager vs device pager.
+"""Decode of a transformers Qwen3-MoE through ``tiermem.offload``: all-resident vs host pager vs device pager.
 
 Run from the repository root on a GPU (``PYTHONPATH=. python bench/offload_decode.py --out DIR``). The
 model has Qwen3-30B-A3B's layer shapes (hidden 2048, 128 experts of 768, top-8, 32 heads, 4 KV
-heads) with random weights made on the GPU and fewer layers (``--layers``); it is built three
-times from one seed, once per mode, since a closed offload handle leaves its model unusable. Each
-mode decodes the same prompts greedily; the offloaded modes must emit the resident model's tokens
-(their logits are bit-identical, transformers' ``grouped_mm`` experts). Random routers route
-without the temporal locality of trained ones, so hit rates sit near the resident fraction: this
-measures the pagers' mechanics inside a real model (attention, routers, KV cache), not a policy.
-Writes ``<out>/offload_decode.jsonl``: one line per mode with tokens/s over the timed steps.
+heads) with random weights made on the GPU and fewer layers (``--layers``); it is built once per
+mode from one seed, since a closed offload handle leaves its model unusable. Each mode prefills the
+same prompt and then decodes the same random token ids (teacher forcing: a random model's greedy
+output repeats itself, and so would its routing); the offloaded modes must predict the resident
+model's next token at every step (their logits are bit-identical, transformers' ``grouped_mm``
+experts). Random routers route without the temporal locality of trained ones, so hit rates sit
+near the resident fraction: this measures the pagers' mechanics inside a real model (attention,
+routers, KV cache, prefill), not a policy. The resident mode runs transformers' own experts
+(eager launches, no CUDA graphs): it is the reference for the tokens, not a speed bound. Writes
+``<out>/offload_decode.jsonl``: one line per mode with tokens/s over the timed steps.
 """
 
 from __future__ import annotations
@@ -38,46 +41,50 @@ def build(layers: int, seed: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, warmup: int) -> tuple[list[int], float]:
-    """Greedy tokens after ``prompt`` and tokens/s over the steps after ``warmup``."""
+def decode(model: torch.nn.Module, prompt: torch.Tensor, feed: torch.Tensor, warmup: int) -> tuple[list[int], float]:
+    """The predicted next token at each step of feeding ``feed`` ``[B, steps]`` after ``prompt``, and tokens/s over
+    the steps after ``warmup``."""
     cache = hf.DynamicCache()
     out = model(prompt, past_key_values=cache, use_cache=True)
-    tokens, began = [], None
-    for step in range(steps):
+    predicted, began = [], None
+    for step in range(feed.shape[1]):
         if step == warmup:
             torch.cuda.synchronize()
             began = time.perf_counter()
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        tokens.append(token)
-        out = model(token, past_key_values=cache, use_cache=True)
+        predicted.append(out.logits[:, -1].argmax(dim=-1))
+        out = model(feed[:, step:step + 1], past_key_values=cache, use_cache=True)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - began
-    return torch.cat(tokens, dim=1).flatten().tolist(), (steps - warmup) * prompt.shape[0] / elapsed
+    return torch.stack(predicted, dim=1).flatten().tolist(), (feed.shape[1] - warmup) * feed.shape[0] / elapsed
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--fraction", type=float, default=0.25, help="resident fraction of each layer's experts")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.5],
+                        help="resident fractions of each layer's experts")
     parser.add_argument("--steps", type=int, default=72)
     parser.add_argument("--warmup", type=int, default=8, help="untimed decode steps (graph captures happen here)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompt = torch.randint(0, 32768, (1, 16), generator=torch.Generator().manual_seed(1)).cuda()
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 32768, (1, 16), generator=generator).cuda()
+    feed = torch.randint(0, 32768, (1, args.steps), generator=generator).cuda()
     records, reference = [], None
-    for mode in ("resident", "host", "device"):
+    runs = [("resident", 1.0)] + [(pager, f) for f in args.fractions for pager in ("host", "device")]
+    for mode, fraction in runs:
         model = build(args.layers, seed=0)
         handle = None
         if mode != "resident":
-            handle = offload(model, tier="dram", config={"resident_fraction": args.fraction, "pager": mode})
-        tokens, tokens_per_s = decode(model, prompt, args.steps, args.warmup)
+            handle = offload(model, tier="dram", config={"resident_fraction": fraction, "pager": mode})
+        tokens, tokens_per_s = decode(model, prompt, feed, args.warmup)
         reference = reference or tokens
         stats = handle.stats() if handle else {}
-        record = {"mode": mode, "tokens_per_s": tokens_per_s, "same_tokens_as_resident": tokens == reference,
-                  "layers": args.layers, "fraction": args.fraction if handle else 1.0, "steps": args.steps,
+        record = {"mode": mode, "fraction": fraction, "tokens_per_s": tokens_per_s,
+                  "same_tokens_as_resident": tokens == reference, "layers": args.layers, "steps": args.steps,
                   "warmup": args.warmup, **{k: stats.get(k) for k in ("hit_rate", "misses", "demand_bytes",
                                                                        "graphs_captured", "graph_replays")}}
         print(json.dumps(record), flush=True)
