@@ -1,7 +1,11 @@
-"""Shared pytest fixtures: small tier managers and the path of the shared routing traces."""
+"""Shared pytest fixtures: small tier managers, the path of the shared routing traces, a script runner."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,20 @@ def manager():
     ]}
     with TierManager.from_config(config) as tm:
         yield tm
+
+
+@pytest.fixture
+def run_script():
+    """Run a Python script in a fresh process that must print ``ok``; ``interpret=True`` runs Triton kernels in
+    Triton's interpreter on CPU tensors (skipped without Triton)."""
+    def run(script: str, *, interpret: bool) -> None:
+        if interpret:
+            pytest.importorskip("triton")
+        env = {**os.environ, "TRITON_INTERPRET": "1"} if interpret else dict(os.environ)
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
+                                text=True, timeout=300, check=False)
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    return run
 
 
 def pytest_collection_modifyitems(config, items):

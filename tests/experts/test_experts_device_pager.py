@@ -6,10 +6,6 @@ copy kernel and the CUDA-graph replays, against transformers' ``grouped_mm`` exp
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -139,11 +135,8 @@ print("ok")
 """
 
 
-def test_the_copy_kernel_moves_the_counted_blocks_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    result = subprocess.run([sys.executable, "-c", COPY_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+def test_the_copy_kernel_moves_the_counted_blocks_in_the_triton_interpreter(run_script):
+    run_script(COPY_SCRIPT, interpret=True)
 
 
 @pytest.mark.gpu

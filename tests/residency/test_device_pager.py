@@ -7,9 +7,6 @@ slot), compared step by step; and, for waves of one object (no ties), an ``Order
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -206,16 +203,11 @@ print("ok")
 """
 
 
-def test_the_paging_kernel_decides_and_writes_exactly_as_the_tensor_operations():
+def test_the_paging_kernel_decides_and_writes_exactly_as_the_tensor_operations(run_script):
     """Run by Triton's interpreter on CPU tensors (skipped without Triton); the GPU test runs it compiled."""
-    pytest.importorskip("triton")
-    result = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    run_script(KERNEL_SCRIPT, interpret=True)
 
 
 @pytest.mark.gpu
-def test_the_compiled_paging_kernel_matches_the_tensor_operations_on_the_gpu():
-    script = KERNEL_SCRIPT.replace('device="cpu"', 'device="cuda"')
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+def test_the_compiled_paging_kernel_matches_the_tensor_operations_on_the_gpu(run_script):
+    run_script(KERNEL_SCRIPT.replace('device="cpu"', 'device="cuda"'), interpret=False)
