@@ -12,7 +12,9 @@ import torch
 
 from tiermem.errors import ConfigError
 from tiermem.experts import offload
+from tiermem.experts.runtime import ExpertCompute, OffloadConfig, Pager
 from tiermem.manager import ManagerConfig, TierManager
+from tiermem.residency.slots import SlotLayout
 from tiermem.transfer.uva_copy import BlockCopier
 
 from .test_experts_moe import FirstExperts, _qwen3_on_gpu, _tiny_transformers_models
@@ -98,6 +100,13 @@ def test_device_pager_refuses_what_it_cannot_do(config, predictor, match):
     with pytest.raises(ConfigError, match=match):
         offload(model, tier="dram", config={"resident_fraction": 0.5, "prefetch": {"distance": 1}, **config},
                 predictor=predictor)
+
+
+def test_offload_config_built_directly_takes_enum_values_and_refuses_unknown_ones():
+    config = OffloadConfig(resident_fraction=0.5, pager="device", slot_layout="shared", compute="grouped")
+    assert (config.pager, config.slot_layout, config.compute) == (Pager.DEVICE, SlotLayout.SHARED, ExpertCompute.GROUPED)
+    with pytest.raises(ConfigError, match=r"pager must be one of \['host', 'device'\], got 'gpu'"):
+        OffloadConfig(resident_fraction=0.5, pager="gpu")
 
 
 def test_device_pager_refuses_homes_whose_tier_hooks_io():

@@ -88,6 +88,12 @@ class OffloadConfig:
                                            "pairs fit its slot group (small-batch decode), one for a larger one.")
 
     def __post_init__(self) -> None:
+        for name, kind in (("pager", Pager), ("slot_layout", SlotLayout), ("compute", ExpertCompute)):
+            value = getattr(self, name)  # by value when built directly (from_dict converts): "device" -> DEVICE
+            if value is not None and not isinstance(value, kind):
+                valid = [member.value for member in kind]
+                require(value in valid, self, f"{name} must be one of {valid}, got {value!r}")
+                object.__setattr__(self, name, kind(value))
         require((self.hbm_budget_bytes is None) != (self.resident_fraction is None), self,
                 "give exactly one of hbm_budget_bytes and resident_fraction")
         require(self.policy is None or (self.policy in EVICTION_POLICIES and self.policy != "belady"), self,
