@@ -5,6 +5,8 @@ Run from the repository root with the shared traces copied to ``.traces/``::
     PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe           # full suite (acceptance set first)
     PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --quick   # a 1-minute smoke run
     PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --only qwen3-30b-a3b@qwen   # chosen workloads
+    PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --modes all_hbm lru lfu tiermem   # host pager only
+        # (the device modes add about a minute: device_lru runs every batch, batch 8 and 64 in waves)
     PYTHONPATH=. python bench/moe_h100.py --out $OUT/moe --only qwen3-30b-a3b@moe-lm --predictor learned
         # Qwen3-shaped experts routed by the small MoE LM, with its recorded router inputs for the predictor
         # (.traces/moe-lm-trace.npz: the trace.npz of bench/moe_lm's record stage)
