@@ -58,6 +58,17 @@ def test_device_paged_logits_are_bit_identical_to_the_resident_model(config):
     assert stats["stall_s"] is None and stats["prefetch_loads"] == 0
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "deepseek_v3"])
+def test_every_supported_architecture_decodes_bit_identically_on_the_device_pager(arch):
+    models, common = _tiny_transformers_models()  # shared experts (Qwen2-MoE, DeepSeek), a dense first layer
+    config_cls, model_cls, extra = models[arch]
+    torch.manual_seed(11)
+    model = model_cls._from_config(config_cls(**{**common, **extra}), experts_implementation="grouped_mm").eval()
+    prompts = [torch.randint(0, common["vocab_size"], shape) for shape in ((2, 4), (1, 1), (2, 1), (1, 1), (1, 1))]
+    stats = _check_bit_identical(model, prompts, {"resident_fraction": 0.5, "pager": "device"})
+    assert stats["pager"] == "device" and stats["misses"] > 0
+
+
 @pytest.mark.parametrize("config", [
     {"resident_fraction": 0.5, "pager": "device"},
     {"resident_fraction": 0.25, "pager": "device", "slot_layout": "shared", "policy": "lfu"},
