@@ -129,6 +129,18 @@ def test_device_pager_refuses_homes_whose_tier_hooks_io():
     manager.close()
 
 
+@pytest.mark.parametrize("config", [{"pager": "device"}, {"pager": "host", "compute": "grouped"},
+                                    {"pager": "host", "compute": "loop"}])
+def test_a_layer_with_no_tokens_returns_no_output_and_pages_nothing(config):
+    model, _ = _tiny_qwen3(seed=12)
+    handle = offload(model, tier="dram", config={"resident_fraction": 0.5, **config})
+    runtime = handle.runtime
+    out = runtime.run_layer(runtime.store.layers[0], torch.zeros(0, 32), torch.zeros(0, 2, dtype=torch.int64),
+                            torch.zeros(0, 2), torch.nn.functional.silu)
+    assert out.shape == (0, 32) and runtime.stats()["demands"] == 0
+    handle.close()
+
+
 def test_block_copier_copies_the_listed_blocks_only_and_validates_homes():
     homes = [[torch.full((16,), i, dtype=torch.uint8) for i in range(5)]]
     slots = torch.zeros((3, 16), dtype=torch.uint8)

@@ -181,6 +181,8 @@ class ExpertRuntime:
         if self._closed:
             raise ConfigError("expert runtime: closed (tiermem.offload handle.close() was called); the offloaded "
                               "experts are gone, so the model cannot run anymore")
+        if top_k_index.numel() == 0:  # no token routed here (an empty batch): nothing to page or compute
+            return hidden.new_zeros(hidden.shape)
         phases = self.phases
         phases.start()
         if self._device is not None:
