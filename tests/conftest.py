@@ -42,12 +42,12 @@ def manager():
 def run_script():
     """Run a Python script in a fresh process that must print ``ok``; ``interpret=True`` runs Triton kernels in
     Triton's interpreter on CPU tensors (skipped without Triton)."""
-    def run(script: str, *, interpret: bool) -> None:
+    def run(script: str, *, interpret: bool, timeout_s: float = 120) -> None:
         if interpret:
             pytest.importorskip("triton")
         env = {**os.environ, "TRITON_INTERPRET": "1"} if interpret else dict(os.environ)
         result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
-                                text=True, timeout=300, check=False)
+                                text=True, timeout=timeout_s, check=False)
         assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
     return run
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
@@ -36,8 +32,5 @@ print("ok")
 """
 
 
-def test_sm_copy_uva_gather_and_chase_match_torch_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120,
-                            check=False)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+def test_sm_copy_uva_gather_and_chase_match_torch_under_the_interpreter(run_script):
+    run_script(SCRIPT, interpret=True)

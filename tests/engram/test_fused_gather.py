@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 from tiermem.engram import EngramLookupConfig
 from tiermem.errors import ConfigError
 
 
-def run_in_interpreter(script: str) -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
-                            timeout=120, check=False)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
-
-
-def test_fused_kernel_gathers_the_rows_the_torch_hasher_names():
-    run_in_interpreter("""
+def test_fused_kernel_gathers_the_rows_the_torch_hasher_names(run_script):
+    run_script(interpret=True, script="""
         import torch
         from tiermem.engram import EngramHashConfig, NgramHasher
         from tiermem.engram.gather import hash_gather
@@ -48,8 +35,8 @@ def test_fused_kernel_gathers_the_rows_the_torch_hasher_names():
     """)
 
 
-def test_fused_kernel_with_a_cache_gives_the_table_rows_and_counts_hits_and_misses():
-    run_in_interpreter("""
+def test_fused_kernel_with_a_cache_gives_the_table_rows_and_counts_hits_and_misses(run_script):
+    run_script(interpret=True, script="""
         import torch
         from tiermem.engram import EngramHashConfig, EngramTable, HotRowCache, NgramHasher, TableLayout
         from tiermem.engram.gather import hash_gather
@@ -85,8 +72,8 @@ def test_fused_kernel_with_a_cache_gives_the_table_rows_and_counts_hits_and_miss
     """)
 
 
-def test_row_gather_with_fewer_programs_than_blocks_still_copies_every_row():
-    run_in_interpreter("""
+def test_row_gather_with_fewer_programs_than_blocks_still_copies_every_row(run_script):
+    run_script(interpret=True, script="""
         import torch
         from tiermem.engram.uva_kernel import gather_rows_kernel
         table = torch.randint(0, 256, (300, 160), dtype=torch.uint8)

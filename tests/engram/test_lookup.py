@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -139,9 +137,8 @@ def test_uva_gather_refuses_pageable_host_memory():
                    max_programs=1)
 
 
-def test_uva_kernel_gathers_the_planned_rows_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    script = textwrap.dedent("""
+def test_uva_kernel_gathers_the_planned_rows_in_the_triton_interpreter(run_script):
+    run_script(interpret=True, script="""
         import torch
         from tiermem.engram.gather import word_bytes
         from tiermem.engram.uva_kernel import gather_rows_kernel
@@ -162,9 +159,6 @@ def test_uva_kernel_gathers_the_planned_rows_in_the_triton_interpreter():
             assert int(out[count:].sum()) == 0, row_bytes  # rows past the count are not written
         print("ok")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 @pytest.mark.gpu

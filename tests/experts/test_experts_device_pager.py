@@ -168,7 +168,7 @@ print("ok")
 
 
 def test_the_copy_kernel_moves_the_counted_blocks_in_the_triton_interpreter(run_script):
-    run_script(COPY_SCRIPT, interpret=True)
+    run_script(COPY_SCRIPT, interpret=True, timeout_s=300)
 
 
 @pytest.mark.gpu

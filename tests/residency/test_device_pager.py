@@ -205,9 +205,9 @@ print("ok")
 
 def test_the_paging_kernel_decides_and_writes_exactly_as_the_tensor_operations(run_script):
     """Run by Triton's interpreter on CPU tensors (skipped without Triton); the GPU test runs it compiled."""
-    run_script(KERNEL_SCRIPT, interpret=True)
+    run_script(KERNEL_SCRIPT, interpret=True, timeout_s=300)
 
 
 @pytest.mark.gpu
 def test_the_compiled_paging_kernel_matches_the_tensor_operations_on_the_gpu(run_script):
-    run_script(KERNEL_SCRIPT.replace('device="cpu"', 'device="cuda"'), interpret=False)
+    run_script(KERNEL_SCRIPT.replace('device="cpu"', 'device="cuda"'), interpret=False, timeout_s=300)
