@@ -59,9 +59,10 @@ class DevicePagedLayers:
     """Runs layers through ``pager`` and ``copier`` on ``weights[group]`` (one ``SlotWeights`` per slot group)."""
 
     def __init__(self, pager: DevicePager, copier: BlockCopier, weights: Sequence[SlotWeights], *,
-                 experts_per_layer: int, cuda_graphs: bool, max_graphs: int = 1024) -> None:
+                 experts_per_layer: int, per_layer: bool, cuda_graphs: bool, max_graphs: int = 1024) -> None:
         self.pager, self.copier, self.weights = pager, copier, list(weights)
         self.experts_per_layer = experts_per_layer
+        self.per_layer = per_layer  # a slot group per layer position, or one group shared by every layer
         self.use_graphs = cuda_graphs and pager.device.type == "cuda"
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _Captured] = {}
@@ -70,9 +71,18 @@ class DevicePagedLayers:
         self.replays = 0
         self._warned_waves = False
 
-    def run(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
-            top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The routed experts' summed output ``[T, H]``; the layer's experts are objects ``first_object + e``."""
+    def place(self, position: int) -> tuple[int, int]:
+        """The slot group of layer ``position`` and the object id of its expert 0 within that group."""
+        return (position, 0) if self.per_layer else (0, position * self.experts_per_layer)
+
+    def expert_of(self, group: int, obj: int) -> tuple[int, int]:
+        """The layer position and expert index of object ``obj`` of ``group`` (``place``'s inverse)."""
+        return (group, obj) if self.per_layer else divmod(obj, self.experts_per_layer)
+
+    def run(self, position: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+            act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The routed experts' summed output ``[T, H]`` of the layer at ``position``."""
+        group, first_object = self.place(position)
         if top_k_index.numel() > self.pager.slots_per_group:
             if not self._warned_waves:
                 self._warned_waves = True
@@ -95,10 +105,11 @@ class DevicePagedLayers:
         self.replays += 1
         return captured.out.clone()
 
-    def prepare(self, group: int, first_object: int, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+    def prepare(self, position: int, hidden: torch.Tensor, top_k_weights: torch.Tensor,
                 act_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-        """Capture the graph of these shapes now, before it is needed; its warm-up counts nothing and the
-        group is left empty. Returns whether a graph is ready."""
+        """Capture the graph of these shapes for the layer at ``position`` now, before it is needed; its warm-up
+        counts nothing and the group is left empty. Returns whether a graph is ready."""
+        group, first_object = self.place(position)
         index = torch.zeros(top_k_weights.shape, dtype=torch.int64, device=hidden.device)
         key = self._key(group, first_object, hidden, index, top_k_weights, act_fn)
         if key not in self._graphs and self._may_capture(key):
@@ -202,20 +213,20 @@ def build_device_pager(store: ExpertStore, cache: ExpertCache, weights: Sequence
     pager = DevicePager(num_groups=cache.num_groups, slots_per_group=per_group, objects_per_group=len(homes[0]),
                         device=cache.device, policy=policy)
     copier = BlockCopier(homes, [cache.memory[g * per_group:(g + 1) * per_group] for g in range(cache.num_groups)])
-    return DevicePagedLayers(pager, copier, weights, experts_per_layer=store.num_experts, cuda_graphs=cuda_graphs)
+    return DevicePagedLayers(pager, copier, weights, experts_per_layer=store.num_experts,
+                             per_layer=cache.slot_layout is SlotLayout.PER_LAYER, cuda_graphs=cuda_graphs)
 
 
-def device_stats(pager: DevicePager, store: ExpertStore, slot_layout: SlotLayout) -> PrefetchStats:
+def device_stats(layers: DevicePagedLayers, store: ExpertStore) -> PrefetchStats:
     """The device pager's counters in the host pager's terms (demands are distinct experts per layer)."""
-    needed, loads = pager.stats()
+    needed, loads = layers.pager.stats()
     block = store.layout.block_bytes
     stats = PrefetchStats(demands=needed, misses=int(loads.sum()), demand_bytes=int(loads.sum()) * block)
     stats.hits = needed - stats.misses
     for group, counts in enumerate(loads.tolist()):
         for obj, copies in enumerate(counts):
             if copies:
-                position, expert = (group, obj) if slot_layout is SlotLayout.PER_LAYER else divmod(obj, store.num_experts)
-                stats.bytes_by_tier[store.tier_of(store.key_at(position, expert))] += copies * block
+                stats.bytes_by_tier[store.tier_of(store.key_at(*layers.expert_of(group, obj)))] += copies * block
     return stats
 
 

@@ -189,10 +189,8 @@ class ExpertRuntime:
             if self._device.pager.policy == "predicted" and self._predictor.step is not self._scores_from:
                 self._scores_from = self._predictor.step  # a new table (the bench's cross-fitted halves)
                 self._device.pager.set_scores(torch.from_numpy(np.asarray(self._scores_from, dtype=np.float32)))
-            position = self.store.position(layer)
-            per_layer = self.cache.slot_layout is SlotLayout.PER_LAYER
-            out = self._device.run(position if per_layer else 0, 0 if per_layer else position * self.store.num_experts,
-                                   hidden, top_k_index.to(hidden.device), top_k_weights, act_fn)
+            out = self._device.run(self.store.position(layer), hidden, top_k_index.to(hidden.device), top_k_weights,
+                                   act_fn)
             phases.lap("device")
             phases.layer_done()
             return out
@@ -282,9 +280,8 @@ class ExpertRuntime:
         ``[T, H]``, ``top_k_weights`` ``[T, K]``), so the first layers of that size do not pay for the
         capture; returns how many groups have it ready (0 without graphs: CPU, loop compute, or off)."""
         if self._device is not None:
-            per_layer = self.cache.slot_layout is SlotLayout.PER_LAYER
-            return sum(self._device.prepare(p if per_layer else 0, 0 if per_layer else p * self.store.num_experts,
-                                            hidden, top_k_weights, act_fn) for p in range(len(self.store.layers)))
+            return sum(self._device.prepare(position, hidden, top_k_weights, act_fn)
+                       for position in range(len(self.store.layers)))
         if self._graphs is None:
             return 0
         return sum(self._graphs.prepare(group, hidden, top_k_weights, act_fn) for group in range(self.cache.num_groups))
@@ -300,7 +297,7 @@ class ExpertRuntime:
         if self._device is None:
             counters = self.prefetcher.collect_stats().as_dict()
         else:
-            counters = device_stats(self._device.pager, self.store, self.cache.slot_layout).as_dict()
+            counters = device_stats(self._device, self.store).as_dict()
             counters["stall_s"] = None  # the host never waits per layer, so there is no host-side stall to time
         graphs = self._graphs if self._device is None else self._device
         return {
