@@ -17,7 +17,7 @@ from tiermem.manager import ManagerConfig, TierManager
 from tiermem.residency.slots import SlotLayout
 from tiermem.transfer.uva_copy import BlockCopier
 
-from .test_experts_moe import FirstExperts, _qwen3_on_gpu, _tiny_transformers_models
+from .test_experts_moe import FirstExperts, _offloaded_logits, _qwen3_on_gpu, _tiny_transformers_models
 
 
 def _tiny_qwen3(seed: int) -> tuple[torch.nn.Module, int]:
@@ -31,13 +31,7 @@ def _tiny_qwen3(seed: int) -> tuple[torch.nn.Module, int]:
 def _check_bit_identical(model: torch.nn.Module, prompts: list[torch.Tensor], config: dict, predictor=None,
                          inspect=lambda handle: None) -> dict:
     """Assert that the offloaded model's logits equal the resident model's on ``prompts``; returns its stats."""
-    with torch.no_grad():
-        expected = [model(ids).logits for ids in prompts]
-        handle = offload(model, tier="dram", config=config, predictor=predictor)
-        got = [model(ids).logits for ids in prompts]
-    inspect(handle)
-    stats = handle.stats()
-    handle.close()
+    expected, got, stats = _offloaded_logits(model, prompts, config, predictor, inspect)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     return stats
 

@@ -209,12 +209,19 @@ def _qwen3_on_gpu(seed: int) -> torch.nn.Module:
     return model.to("cuda").eval()
 
 
-def _offloaded_logits(model: torch.nn.Module, prompts: list[torch.Tensor], config: dict) -> tuple[list, list, dict]:
-    """The logits of ``prompts`` all-resident, then offloaded to ``dram`` with ``config``; and the handle's stats."""
+FIRST_EXPERTS = FirstExperts()  # stateless: one serves every offload
+
+
+def _offloaded_logits(model: torch.nn.Module, prompts: list[torch.Tensor], config: dict,
+                      predictor: FirstExperts | None = FIRST_EXPERTS,
+                      inspect=lambda handle: None) -> tuple[list, list, dict]:
+    """The logits of ``prompts`` all-resident, then offloaded to ``dram`` with ``config`` (``inspect`` sees the
+    handle before it closes); and the handle's stats."""
     with torch.no_grad():
         expected = [model(ids).logits for ids in prompts]
-        handle = offload(model, tier="dram", config=config, predictor=FirstExperts())
+        handle = offload(model, tier="dram", config=config, predictor=predictor)
         got = [model(ids).logits for ids in prompts]
+    inspect(handle)
     stats = handle.stats()
     handle.close()
     return expected, got, stats
