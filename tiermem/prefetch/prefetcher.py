@@ -19,8 +19,8 @@ Design note. One object (an expert) moves through these states::
     | evicted  | not recorded         | a plan evicts it to free its slot          | -              |
 
 - The copies of one plan (a layer's misses, or one prefetch) are one submit; each object keeps its
-  own completion (``handle.part(i)``, one CUDA event after its copy), kept in ``_loads`` until it is
-  seen done or the compute stream waits on it; a key in ``_loads`` is never copied again (no
+  own completion (``handle.part(i)``, one CUDA event after its copy), kept in flight (``InFlight``) until
+  it is seen done or the compute stream waits on it; a key in flight is never copied again (no
   duplicate in-flight copies: planners skip in-flight keys, and ``SlotCache.begin_load`` raises on a
   second load). Landing at the compute stream's wait is stream order, not host knowledge: every later
   use runs on that stream, and the slot's next copy waits on the wave's last-use event, both behind
@@ -69,6 +69,7 @@ from tiermem.predict.base import Predictor, RouteContext
 from tiermem.prefetch.config import PrefetchConfig
 from tiermem.prefetch.copies import SlotCopies
 from tiermem.prefetch.fences import SlotFences
+from tiermem.prefetch.inflight import InFlight
 from tiermem.prefetch.planner import compile_now, plan_demand, plan_group_prefetch
 from tiermem.prefetch.ports import Homes, SlotCache
 from tiermem.prefetch.stats import HostPhases, PrefetchStats
@@ -97,8 +98,7 @@ class Prefetcher:
         self.predictions = predictions
         self.stats = PrefetchStats()
         self.phases = phases or HostPhases(enabled=False)
-        self._loads: dict[ObjectKey, TransferHandle] = {}  # key in flight -> its own copy's completion
-        self._submits: dict[ObjectKey, tuple[TransferHandle, frozenset[ObjectKey]]] = {}  # -> its whole submit
+        self._loads = InFlight()  # keys whose copies are submitted and not yet landed
         self._unused_prefetches: set[ObjectKey] = set()
         # what the link window weighs: the chance that the next demand of its layer uses a prefetched object
         # (a neutral prior), and the chance that it wants back an object a prefetch evicted
@@ -187,16 +187,7 @@ class Prefetcher:
         every copy it needs (a wave's misses are one submit: one wait, not one per key), and their stall is
         measured once for all of them (one pair of timing events, not one per key). No rows are built: a
         grouped wave reads its slots by index (building a view per key costs the decode host microseconds)."""
-        needed = set(keys)
-        landing, waits = [], {}
-        for key in keys:
-            part = self._loads.get(key)
-            if part is not None:
-                landing.append(key)
-                whole, batch = self._submits[key]
-                handle = whole if batch <= needed else part  # never waits on a copy this wave does not use
-                waits[id(handle)] = handle
-        waiting = [handle for handle in waits.values() if not handle.done()]
+        landing, waiting = self._loads.handles_for(keys)
         if waiting and self._cuda:
             stream = self._compute_stream or torch.cuda.current_stream(self.cache.device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -313,8 +304,8 @@ class Prefetcher:
 
     def drain(self) -> None:
         """Wait for every copy in flight and record it as landed."""
-        for key, handle in list(self._loads.items()):
-            handle.wait()
+        for key in self._loads:
+            self._loads.part(key).wait()
             self._land(key)
         if self._cuda:  # copies landed at ``ready_all`` are ordered before the compute stream's later work only
             torch.cuda.synchronize(self.cache.device)
@@ -370,10 +361,9 @@ class Prefetcher:
             for key in keys[: len(rows)]:
                 self.cache.abort_load(key)
             raise
-        nbytes, batch = self._object_bytes, frozenset(keys)
-        for index, key in enumerate(keys):
-            self._loads[key] = handle.part(index)
-            self._submits[key] = (handle, batch)
+        nbytes = self._object_bytes
+        self._loads.add(keys, handle)
+        for key in keys:
             self.stats.bytes_by_tier[self.homes.tier_of(key)] += nbytes
         total = nbytes * len(keys)
         if self.window is not None:
@@ -396,14 +386,14 @@ class Prefetcher:
             self.stats.prefetch_evicted_unused += 1
 
     def _land(self, key: ObjectKey) -> None:
-        del self._loads[key], self._submits[key]
+        self._loads.land(key)
         self.cache.finish_load(key)
 
     def _wait_group(self, group: int) -> None:
         for key in [k for k in self._loads if self.cache.group_of(k) == group]:
-            self._loads[key].wait()
+            self._loads.part(key).wait()
             self._land(key)
 
     def _reap(self) -> None:
-        for key in [k for k, handle in self._loads.items() if handle.done()]:
+        for key in self._loads.done():
             self._land(key)
