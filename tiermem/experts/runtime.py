@@ -146,7 +146,10 @@ class ExpertRuntime:
             signals=PolicySignals(counts=self.counts, predictions=predictions),
         )
         self.phases = HostPhases(enabled=config.time_host_phases)
-        self.prefetcher = Prefetcher(self.cache, store, store.manager, config=config.prefetch, predictor=predictor,
+        # the device pager reads a predictor only as its step table: the host prefetcher never predicts then (and
+        # compiles no planner for it)
+        self.prefetcher = Prefetcher(self.cache, store, store.manager, config=config.prefetch,
+                                     predictor=predictor if config.pager is Pager.HOST else None,
                                      predictions=predictions, phases=self.phases)
         self.compute = config.compute or (ExpertCompute.GROUPED if config.pager is Pager.DEVICE else ExpertCompute.LOOP)
         self._slot_weights: list[SlotWeights] = []
