@@ -151,12 +151,15 @@ COPY_SCRIPT = r"""
 import torch
 from tiermem.transfer import uva_copy
 uva_copy.BLOCK_WORDS = 4  # several chunks per block, the last one partial
-homes = [[torch.randint(0, 255, (72,), dtype=torch.uint8) for _ in range(5)] for _ in range(2)]
-slots = [torch.zeros((3, 72), dtype=torch.uint8) for _ in range(2)]
+sizes = (72, 40)  # groups of different block sizes (one per weight tensor, as in SGLang's w13 / w2)
+homes = [[torch.randint(1, 255, (size,), dtype=torch.uint8) for _ in range(5)] for size in sizes]
+slots = [torch.zeros((3, size), dtype=torch.uint8) for size in sizes]
 copier = uva_copy.BlockCopier(homes, slots, kernel=True)
-copier.copy(1, torch.tensor([4, 0, 2]), torch.tensor([2, 0, 1]), torch.tensor([2]))
-assert torch.equal(slots[1][2], homes[1][4]) and torch.equal(slots[1][0], homes[1][0]), "copied"
-assert not slots[1][1].any() and not slots[0].any(), "only the counted blocks of the group"
+for group in (1, 0):
+    copier.copy(group, torch.tensor([4, 0, 2]), torch.tensor([2, 0, 1]), torch.tensor([2]))
+    assert torch.equal(slots[group][2], homes[group][4]) and torch.equal(slots[group][0], homes[group][0]), "copied"
+    assert not slots[group][1].any(), "only the counted blocks"
+    assert group == 0 or not slots[0].any(), "only the group's blocks"
 print("ok")
 """
 

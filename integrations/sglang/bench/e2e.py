@@ -1,6 +1,10 @@
 """End-to-end: one model served all-HBM, with ``--expert-tier cxl`` and with SGLang's ``--enable-paged-experts``
 at the same HBM budget (K slots per layer), in one run; same requests, greedy; outputs compared with all-HBM.
 
+Phases: ``hbm``, ``tiermem`` (host pager), ``device`` (``--expert-tier-pager device``), ``paged`` and
+``predictor``, each eager (decode CUDA graphs disabled) or, as ``NAME+graph``, with decode CUDA graphs
+captured up to ``K // top_k`` requests (``phase_flags``); graph phases also compare with ``hbm+graph``.
+
 Each phase starts ``python -m sglang.launch_server`` (plugins load there), waits for it, sends the same
 token-id requests at a fixed concurrency, records output ids and wall time, and stops the server. The
 ``predictor`` phase first collects a routing trace from the all-HBM server (``--enable-return-routed-
@@ -15,7 +19,7 @@ earlier call's ``e2e.json`` (``--reference``) and fits its predictor from that c
 (``--trace``, collected by an ``hbm`` phase run with ``--collect-trace`` or beside ``predictor``);
 the random checkpoint is seeded, so each call writes the same weights.
 
-    python e2e.py MODEL_DIR OUT_DIR [--slots 32] [--phases hbm,tiermem,paged,predictor]
+    python e2e.py MODEL_DIR OUT_DIR [--slots 32] [--phases hbm,tiermem,device,paged,predictor,hbm+graph,...]
                   [--reference EARLIER/e2e.json --trace EARLIER/trace.npz]
 """
 
@@ -41,18 +45,29 @@ PORT = 31000
 REQUEST_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 20
 COMMON = ["--skip-tokenizer-init", "--attention-backend", "triton", "--sampling-backend", "pytorch",
-          "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
-          "--disable-radix-cache", "--mem-fraction-static", "0.5", "--context-length", "2048",
+          "--cuda-graph-backend-prefill", "disabled", "--disable-radix-cache", "--mem-fraction-static", "0.5",
+          "--context-length", "2048",
           "--host", "127.0.0.1", "--port", str(PORT), "--log-level", "info"]
 
 
-def phase_flags(phase: str, slots: int, trace: Path) -> list[str]:
-    return {
+def phase_flags(phase: str, slots: int, top_k: int, trace: Path) -> list[str]:
+    """A phase's server flags. ``NAME+graph`` captures decode in CUDA graphs up to ``slots // top_k`` requests
+    (the batches whose routed entries fit the slots, the most SGLang's paged experts captures; the same cap for
+    every graph phase): full graphs, except the host pager's breakable ones (it pages in an eager break)."""
+    name, graph = phase.removesuffix("+graph"), phase.endswith("+graph")
+    tiered = ["--expert-tier", "cxl", "--expert-tier-slots", str(slots)]
+    flags = {
         "hbm": [],
-        "tiermem": ["--expert-tier", "cxl", "--expert-tier-slots", str(slots)],
+        "tiermem": tiered,
+        "device": [*tiered, "--expert-tier-pager", "device"],
         "paged": ["--enable-paged-experts", "--paged-experts-num-resident", str(slots)],
-        "predictor": ["--expert-tier", "cxl", "--expert-tier-slots", str(slots), "--expert-tier-predictor", str(trace)],
-    }[phase]
+        "predictor": [*tiered, "--expert-tier-predictor", str(trace)],
+    }[name]
+    if not graph:
+        return [*flags, "--cuda-graph-backend-decode", "disabled"]
+    backend = "breakable" if name in ("tiermem", "predictor") else "full"
+    return [*flags, "--cuda-graph-backend-decode", backend,
+            "--cuda-graph-max-bs-decode", str(max(1, slots // top_k))]
 
 
 def post(path: str, body: dict) -> dict:
@@ -155,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                      "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "phases": {}}
     phases = args.phases.split(",")
-    reference = None
+    reference = graph_reference = None  # outputs of hbm, and of hbm+graph (graph phases compare with both)
     if "hbm" not in phases and args.reference is not None:
         earlier = json.loads(args.reference.read_text())
         if (earlier["model"], earlier["requests"], earlier["prompt_tokens"], earlier["new_tokens"]) != (
@@ -165,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     if "predictor" in phases and "hbm" not in phases and not trace_path.is_file():
         parser.error(f"the predictor phase needs a routing trace: run hbm first or pass --trace (no {trace_path})")
     for phase in phases:
-        log = args.out / f"server-{phase}.log"
+        log = args.out / f"server-{phase.replace('+', '-')}.log"
         collect = phase == "hbm" and ("predictor" in phases or args.collect_trace)
         extra = ["--enable-return-routed-experts"] if collect else []
         start_s = time.perf_counter()
         try:
-            server = start(args.model, phase_flags(phase, args.slots, trace_path) + extra, log,
-                           args.startup_timeout_s)
+            flags = phase_flags(phase, args.slots, config["num_experts_per_tok"], trace_path)
+            server = start(args.model, flags + extra, log, args.startup_timeout_s)
         except RuntimeError as error:
             results["phases"][phase] = {"error": str(error)}
             print(f"{phase}: {error}", flush=True)
@@ -179,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         startup_s = time.perf_counter() - start_s
         try:
-            generate(prompts[:2], 8, 2)  # warm-up
+            # Warm-up at the run's concurrency: requests finishing at different times visit every decode batch
+            # size and prefill shape the run will, so no phase pays Triton's compile-on-first-shape inside it.
+            generate(prompts[:2 * args.concurrency], 16, args.concurrency)
             run = generate(prompts, args.new_tokens, args.concurrency)
             if extra:
                 collected = generate(trace_prompts, args.new_tokens, args.concurrency, routes=True)["answers"]
@@ -197,14 +214,19 @@ def main(argv: list[str] | None = None) -> int:
             stop(server)
         if phase == "hbm":
             reference = run["outputs"]
+        if phase == "hbm+graph":
+            graph_reference = run["outputs"]
         summary = {"startup_s": startup_s, **{k: v for k, v in run.items() if k != "answers"}}
         if reference is not None and phase != "hbm":
             summary["match_vs_hbm"] = match(run["outputs"], reference)
+        if graph_reference is not None and phase.endswith("+graph") and phase != "hbm+graph":
+            summary["match_vs_hbm_graph"] = match(run["outputs"], graph_reference)
         results["phases"][phase] = summary
         (args.out / "e2e.json").write_text(json.dumps(results, indent=1))
         print(f"{phase}: start-up {startup_s:.0f} s, {summary['output_tokens_per_s']:.1f} output tok/s, "
               f"p50 {summary['latency_s_p50']:.2f} s"
-              + (f", match {summary['match_vs_hbm']}" if "match_vs_hbm" in summary else ""), flush=True)
+              + "".join(f", {key} {summary[key]}" for key in ("match_vs_hbm", "match_vs_hbm_graph") if key in summary),
+              flush=True)
     return 0 if all("error" not in p for p in results["phases"].values()) else 1
 
 

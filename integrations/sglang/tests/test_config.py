@@ -7,7 +7,7 @@ import argparse
 import pytest
 from tiermem.errors import ConfigError
 
-from tiermem_sglang.config import ENV_VAR, ExpertTier, ExpertTierConfig, TableTier, publish, published
+from tiermem_sglang.config import ENV_VAR, ExpertPager, ExpertTier, ExpertTierConfig, TableTier, publish, published
 from tiermem_sglang.flags import add_flags, config_from_namespace, incompatibilities
 
 NUM_EXPERTS = 64
@@ -29,6 +29,18 @@ def test_flags_parse_into_a_frozen_config():
         config.slots = 4
 
 
+def test_the_pager_flag_picks_the_device_pager_which_cannot_prefetch():
+    config = config_from_namespace(parse("--expert-tier", "cxl", "--expert-tier-slots", "16",
+                                         "--expert-tier-pager", "device"))
+    assert config.pager is ExpertPager.DEVICE
+    assert config_from_namespace(parse("--expert-tier", "cxl", "--expert-tier-slots", "16")).pager is ExpertPager.HOST
+    with pytest.raises(ConfigError, match="drop one of --expert-tier-predictor and --expert-tier-pager device"):
+        config_from_namespace(parse("--expert-tier", "cxl", "--expert-tier-slots", "16", "--expert-tier-pager",
+                                    "device", "--expert-tier-predictor", "/t.npz"))
+    with pytest.raises(SystemExit):
+        parse("--expert-tier-pager", "gpu")
+
+
 def test_no_flag_means_no_config():
     assert config_from_namespace(parse()) is None
 
@@ -36,9 +48,10 @@ def test_no_flag_means_no_config():
 def test_the_config_survives_its_json_payload_unchanged(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert published() is None
-    config = ExpertTierConfig(expert_tier=ExpertTier.DRAM, hbm_fraction=0.25, engram_table_tier=TableTier.CXL)
+    config = ExpertTierConfig(expert_tier=ExpertTier.DRAM, hbm_fraction=0.25, engram_table_tier=TableTier.CXL,
+                              pager=ExpertPager.DEVICE)
     publish(config)
-    assert published() == config
+    assert published() == config and published().pager is ExpertPager.DEVICE
 
 
 def test_a_malformed_payload_raises_instead_of_guessing(monkeypatch):

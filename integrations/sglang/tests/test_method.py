@@ -9,6 +9,8 @@ the GPU runs is the same sequence of method calls with SGLang's kernel.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K, entry_outputs, expert_weights, reference_moe
@@ -23,7 +25,7 @@ from sglang.srt.layers.moe.topk import StandardTopKOutput
 from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 from tiermem.errors import ConfigError
 
-from tiermem_sglang.config import ExpertTier, ExpertTierConfig
+from tiermem_sglang.config import ExpertPager, ExpertTier, ExpertTierConfig
 from tiermem_sglang.method import TieredMoEMethod
 from tiermem_sglang.runtime import close_runtimes
 
@@ -83,12 +85,13 @@ def tiny_fused_moe() -> FusedMoE:
     return layer
 
 
-@pytest.fixture
-def tier_config(tmp_path):
+@pytest.fixture(params=[ExpertPager.HOST, ExpertPager.DEVICE], ids=lambda pager: f"{pager.value}-pager")
+def tier_config(tmp_path, request):
     toml = tmp_path / "tiers.toml"
     toml.write_text('[[tiers]]\nkind = "cxl"\nbacking = "emulated"\ncapacity_bytes = "8MiB"\narena_bytes = "1MiB"\n'
                     'register_cuda = "never"\n')
-    yield ExpertTierConfig(expert_tier=ExpertTier.CXL, slots=NUM_SLOTS, tiermem_config_path=str(toml))
+    yield ExpertTierConfig(expert_tier=ExpertTier.CXL, slots=NUM_SLOTS, tiermem_config_path=str(toml),
+                           pager=request.param)
     close_runtimes()
 
 
@@ -143,6 +146,29 @@ def test_tiered_layer_output_equals_the_unpaged_reference_bit_for_bit(tier_confi
     assert method.pager.stats.steps == 4 and method.pager.stats.waves >= 4
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_steps_that_fit_the_slots_are_one_wave_and_equal_the_reference(tier_config, seed):
+    experts = expert_weights()
+    layer, method = loaded_layer(tier_config, experts)
+    generator = torch.Generator().manual_seed(seed)
+    distinct = 0
+    for step in range(12):
+        hidden = torch.randn(1, HIDDEN, generator=generator)
+        topk_ids = torch.randperm(NUM_EXPERTS, generator=generator)[:TOP_K].unsqueeze(0)
+        topk_weights = torch.rand(1, TOP_K, generator=generator)
+        got = method.apply(layer, dispatch(hidden, topk_ids, topk_weights)).hidden_states
+        assert torch.equal(got, reference_moe(hidden, topk_ids, topk_weights, experts)), f"step {step}"
+        assert set(topk_ids.tolist()[0]) <= method.pager.resident_experts()
+        distinct += TOP_K
+    stats = method.pager.stats
+    assert (stats.steps, stats.waves) == (12, 12)
+    assert stats.hits + stats.misses == distinct and 0 < stats.misses < distinct
+    for expert in method.pager.resident_experts():  # the slots hold the home bytes of what the pager says they do
+        slot = method.pager.slot_of(expert)
+        assert torch.equal(layer.w13_weight.data[slot], experts[expert]["gate_up"])
+        assert torch.equal(layer.w2_weight.data[slot], experts[expert]["down"])
+
+
 def test_padded_routing_entries_contribute_nothing(tier_config):
     experts = expert_weights()
     layer, method = loaded_layer(tier_config, experts)
@@ -156,14 +182,12 @@ def test_padded_routing_entries_contribute_nothing(tier_config):
 
 
 def test_fewer_slots_than_top_k_is_refused_when_the_layer_is_built(tier_config):
-    config = ExpertTierConfig(expert_tier=ExpertTier.CXL, slots=TOP_K - 1,
-                              tiermem_config_path=tier_config.tiermem_config_path)
+    config = dataclasses.replace(tier_config, slots=TOP_K - 1)
     with pytest.raises(ConfigError, match=f"use --expert-tier-slots {TOP_K} or more"):
         loaded_layer(config, expert_weights())
 
 
 def test_a_tier_the_manager_lacks_is_refused_naming_its_tiers(tier_config):
-    config = ExpertTierConfig(expert_tier=ExpertTier.DRAM, slots=NUM_SLOTS,
-                              tiermem_config_path=tier_config.tiermem_config_path)
+    config = dataclasses.replace(tier_config, expert_tier=ExpertTier.DRAM)
     with pytest.raises(ConfigError, match="names no tier of this manager"):
         loaded_layer(config, expert_weights())

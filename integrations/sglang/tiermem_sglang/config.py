@@ -34,6 +34,13 @@ class ExpertTier(str, enum.Enum):
     RDMA = "rdma"
 
 
+class ExpertPager(str, enum.Enum):
+    """Who decides which experts sit in the HBM slots at each step."""
+
+    HOST = "host"  # tiermem's planner on the host (reads the routing back; prefetch; breakable or no graphs)
+    DEVICE = "device"  # tiermem's device pager on the GPU (no host sync; full decode CUDA graphs; LRU)
+
+
 class TableTier(str, enum.Enum):
     """Where Engram embedding tables live."""
 
@@ -50,6 +57,10 @@ class ExpertTierConfig:
     slots: int | None = option(None, help="HBM expert slots per MoE layer, K (--expert-tier-slots).")
     hbm_fraction: float | None = option(
         None, help="Fraction of each layer's experts that get an HBM slot (--expert-tier-hbm-fraction).")
+    pager: ExpertPager = option(
+        ExpertPager.HOST, help="Who pages the experts (--expert-tier-pager): host (plans on the host, can prefetch "
+                               "from a predictor) or device (decides and copies on the GPU, capturable in a full "
+                               "decode CUDA graph).")
     predictor_path: str | None = option(
         None, help="Routing trace (.npz) to fit a co-occurrence predictor from, or a learned predictor (.pt).")
     tiermem_config_path: str | None = option(
@@ -67,6 +78,9 @@ class ExpertTierConfig:
             require(not budgets and self.predictor_path is None, self,
                     f"{budgets + (['--expert-tier-predictor'] if self.predictor_path else [])} only apply when "
                     "experts are offloaded; add --expert-tier dram|cxl|rdma or drop them")
+        require(not (self.pager is ExpertPager.DEVICE and self.predictor_path is not None), self,
+                "--expert-tier-predictor prefetches through the host pager; the device pager evicts by LRU and "
+                "never prefetches; drop one of --expert-tier-predictor and --expert-tier-pager device")
         if self.slots is not None:
             require(self.slots >= 1, self, f"--expert-tier-slots must be >= 1, got {self.slots}")
         if self.hbm_fraction is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from tiermem.errors import ConfigError
 
-from tiermem_sglang.config import ExpertTier, ExpertTierConfig, TableTier, publish
+from tiermem_sglang.config import ExpertPager, ExpertTier, ExpertTierConfig, TableTier, publish
 
 log = logging.getLogger("tiermem.sglang")
 
@@ -27,6 +27,7 @@ _FIELDS = {
     "expert_tier": "expert_tier",
     "expert_tier_slots": "slots",
     "expert_tier_hbm_fraction": "hbm_fraction",
+    "expert_tier_pager": "pager",
     "expert_tier_predictor": "predictor_path",
     "expert_tier_config": "tiermem_config_path",
     "engram_table_tier": "engram_table_tier",
@@ -48,6 +49,11 @@ def add_flags(result: Any, parser: argparse.ArgumentParser) -> None:
         "--expert-tier-hbm-fraction", type=float, default=None, metavar="F",
         help="Fraction of each MoE layer's experts that get an HBM slot, in (0, 1).")
     group.add_argument(
+        "--expert-tier-pager", choices=[p.value for p in ExpertPager], default=None,
+        help="Who pages experts into the slots: host (default; plans on the host, prefetches with a predictor; "
+             "decode graphs breakable or disabled) or device (decides and copies on the GPU without a host sync, "
+             "so decode runs in full CUDA graphs up to K // top-k requests; LRU).")
+    group.add_argument(
         "--expert-tier-predictor", default=None, metavar="PATH",
         help="Prefetch with a route predictor: a tiermem routing trace (.npz, e.g. from `python -m "
              "tiermem_sglang.collect`) to fit a co-occurrence predictor from, or a learned predictor (.pt).")
@@ -66,8 +72,9 @@ def config_from_namespace(args: argparse.Namespace) -> ExpertTierConfig | None:
         return None
     return ExpertTierConfig(
         expert_tier=ExpertTier(given.pop("expert_tier", ExpertTier.HBM.value)),
-        engram_table_tier=TableTier(given["engram_table_tier"]) if "engram_table_tier" in given else None,
-        **{k: v for k, v in given.items() if k != "engram_table_tier"},
+        engram_table_tier=TableTier(given.pop("engram_table_tier")) if "engram_table_tier" in given else None,
+        **({"pager": ExpertPager(given.pop("pager"))} if "pager" in given else {}),
+        **given,
     )
 
 

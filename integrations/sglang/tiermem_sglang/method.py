@@ -9,12 +9,16 @@ per-parameter ``weight_loader``, ``process_weights_after_loading``, ``apply``), 
   a one-row view of that expert's home, so homes hold exactly the layout the GPU rows would;
 - ``process_weights_after_loading``: experts 0..K-1 are paged into the slots, the base step runs, and
   the slots are checked to be the untransformed home bytes (the pager copies homes verbatim);
-- ``apply``: the step's experts are made resident wave by wave (``LayerPager``), the base kernel runs
-  on slot ids through SGLang's runner contract (``paged_experts.runners``, same top-k sum as unpaged),
-  then the runtime prefetches for the next layer when a predictor is configured.
+- ``apply``: the step's experts are made resident wave by wave (``plan``/``place`` of the pager), the
+  base kernel runs on slot ids through SGLang's runner contract (``paged_experts.runners``, same top-k
+  sum as unpaged), then the runtime prefetches for the next layer when a predictor is configured.
 
-Supported: unquantized (bf16/fp16) experts on the triton MoE runner, one GPU. CUDA graphs: a
-breakable graph runs the paged step as an eager break; a full graph cannot (refused at start-up).
+Two pagers (``--expert-tier-pager``): ``host`` (``LayerPager``: plans on the host) and ``device``
+(``DeviceLayerPager``: decides and copies on the GPU). Supported: unquantized (bf16/fp16) experts on
+the triton MoE runner, one GPU. CUDA graphs: with the host pager a breakable graph runs the paged
+step as an eager break and a full graph is refused at start-up; with the device pager a step whose
+routed entries fit the K slots runs inside any graph (full decode graphs are captured up to
+``K // top_k`` requests), and a larger one runs eagerly (an eager break in a breakable graph).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.context
 from tiermem.errors import ConfigError
 from tiermem.experts.layout import ExpertLayout
 
-from tiermem_sglang.config import ExpertTierConfig
-from tiermem_sglang.pager import LayerPager, plan_waves
+from tiermem_sglang.config import ExpertPager, ExpertTierConfig
+from tiermem_sglang.device import DeviceLayerPager
+from tiermem_sglang.pager import LayerPager
 from tiermem_sglang.runtime import TierRuntime, runtime_for
 
 log = logging.getLogger("tiermem.sglang")
@@ -72,7 +77,7 @@ class TieredMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         self.routed_scaling_factor = 1.0
         self.runtime: TierRuntime | None = None
         self.store = None
-        self.pager: LayerPager | None = None
+        self.pager: LayerPager | DeviceLayerPager | None = None
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra):
@@ -136,7 +141,10 @@ class TieredMoEMethod(FusedMoEMethodBase, torch.nn.Module):
 
     def process_weights_after_loading(self, layer):
         slots = {part: getattr(layer, name).data for name, part in PARTS.items()}
-        self.pager = LayerPager(manager=self.runtime.manager, store=self.store, layer=layer.layer_id, slots=slots)
+        if self.config.pager is ExpertPager.DEVICE:
+            self.pager = DeviceLayerPager(store=self.store, layer=layer.layer_id, slots=slots)
+        else:
+            self.pager = LayerPager(manager=self.runtime.manager, store=self.store, layer=layer.layer_id, slots=slots)
         self.pager.fill()
         self.base_method.process_weights_after_loading(layer)
         for name, part in PARTS.items():
@@ -152,32 +160,39 @@ class TieredMoEMethod(FusedMoEMethodBase, torch.nn.Module):
 
     def apply(self, layer, dispatch_output):
         topk_output = dispatch_output.topk_output
+        # Decided from shapes alone, so a captured graph always takes the same path.
+        if isinstance(self.pager, DeviceLayerPager) and topk_output.topk_ids.numel() <= self.num_slots:
+            # One wave paged on the GPU: no host sync, so it runs (and is captured) inside any CUDA graph.
+            slots = self.pager.place_all(topk_output.topk_ids)
+            return StandardCombineInput(hidden_states=self.contract.finish(
+                merged=run_on_slots(self.base_method, layer, dispatch_output, slots),
+                hidden_states=dispatch_output.hidden_states, routed_scaling_factor=self.routed_scaling_factor))
         if is_in_breakable_cuda_graph():
             # The host-planned waves run as an eager break between captured segments.
             out = torch.empty_like(dispatch_output.hidden_states)
             self._run_eager_into(layer, dispatch_output.hidden_states, topk_output.topk_weights,
                                  topk_output.topk_ids, topk_output.router_logits, out)
             return StandardCombineInput(hidden_states=out)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise ConfigError(
+                f"tiermem-sglang: a CUDA graph is capturing a step of {topk_output.topk_ids.shape[0]} token(s) x "
+                f"top-{self.top_k}, more routed entries than the {self.num_slots} slots, which pages on the host; "
+                f"capture decode graphs up to --cuda-graph-max-bs-decode {max(1, self.num_slots // self.top_k)}"
+            )
         return StandardCombineInput(hidden_states=self.run(layer, dispatch_output))
 
     def run(self, layer, dispatch_output) -> torch.Tensor:
         """The layer's output for one step: waves over the K slots, summed like the unpaged runner."""
         topk_ids = dispatch_output.topk_output.topk_ids
-        distinct = [e for e in torch.unique(topk_ids).tolist() if e >= 0]
-        waves = plan_waves(distinct, self.pager.resident_experts(), self.num_slots)
+        waves = self.pager.plan(topk_ids)
         merged = None
         for wave in waves:
-            placed = self.pager.make_resident(wave)
-            # Index E (and -1, which wraps to it) stays -1: padded routing entries are masked.
-            to_slot = torch.full((self.num_experts + 1,), -1, dtype=torch.int32)
-            to_slot[list(placed)] = torch.tensor(list(placed.values()), dtype=torch.int32)
-            slots = to_slot.to(topk_ids.device)[topk_ids]
+            slots = self.pager.place(topk_ids, wave)
             if len(waves) == 1:
                 merged = run_on_slots(self.base_method, layer, dispatch_output, slots)
             else:
                 merged = self.contract.run_wave(base_method=self.base_method, layer=layer,
                                                 dispatch_output=dispatch_output, slots=slots, merged=merged)
-        self.pager.stats.steps += 1
         out = self.contract.finish(merged=merged, hidden_states=dispatch_output.hidden_states,
                                    routed_scaling_factor=self.routed_scaling_factor)
         self.runtime.after_routing(layer.layer_id, topk_ids)

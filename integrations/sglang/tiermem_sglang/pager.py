@@ -6,10 +6,11 @@ one packed block of an ``ExpertStore`` on a host tier; paging an expert in copie
 from that block into its slot row through the ``TierManager``'s transfer engine.
 
 A step's distinct experts are served in waves of at most K: the resident ones first, then the rest
-(``plan_waves``). ``make_resident`` plans a wave with tiermem's pure demand planner, applies the plan to
-the residency ``Directory``, issues the copies and makes the compute stream wait for them (no host
-sync on a GPU). ``prefetch`` does the same for predicted experts without waiting; a later wave that
-needs them waits for the copy then.
+(``plan``, ``plan_waves``); ``place`` makes a wave resident and maps the routing to slot ids (the
+same two calls as ``device.DeviceLayerPager``, the GPU-decided pager). ``make_resident`` plans a
+wave with tiermem's pure demand planner, applies the plan to the residency ``Directory``, issues
+the copies and makes the compute stream wait for them (no host sync on a GPU). ``prefetch`` does
+the same for predicted experts without waiting; a later wave that needs them waits for the copy then.
 
 Invariants: the directory, the slot pool and ``entries`` always agree; a slot is never overwritten
 while an expert the current wave needs sits in it; a copy into a slot is ordered after every kernel
@@ -57,6 +58,43 @@ def plan_waves(distinct: Sequence[int], resident: set[int], num_slots: int) -> l
     return [ordered[i:i + num_slots] for i in range(0, len(ordered), num_slots)] or [[]]
 
 
+def check_slots(store: ExpertStore, slots: Mapping[str, torch.Tensor]) -> int:
+    """K, the slot count of ``slots`` (one contiguous ``[K, *shape]`` tensor per tensor of the store's layout);
+    raises ``ConfigError`` naming what differs."""
+    layout = store.layout
+    if sorted(slots) != sorted(layout.names):
+        raise ConfigError(
+            f"expert pager: slot tensors {sorted(slots)} differ from the store's {list(layout.names)}"
+        )
+    counts = {name: tensor.shape[0] for name, tensor in slots.items()}
+    for spec in layout.tensors:
+        row = slots[spec.name]
+        if tuple(row.shape[1:]) != spec.shape or row.dtype != spec.dtype or not row.is_contiguous():
+            raise ConfigError(
+                f"expert pager: slot tensor {spec.name} is {tuple(row.shape)} {row.dtype} (contiguous="
+                f"{row.is_contiguous()}), expected contiguous [K, {', '.join(map(str, spec.shape))}] {spec.dtype}"
+            )
+    if len(set(counts.values())) != 1:
+        raise ConfigError(f"expert pager: slot tensors have different slot counts {counts}")
+    num_slots = next(iter(counts.values()))
+    if num_slots >= store.num_experts:
+        raise ConfigError(f"expert pager: {num_slots} slots for {store.num_experts} experts page nothing")
+    return num_slots
+
+
+def distinct_experts(topk_ids: torch.Tensor) -> list[int]:
+    """The step's routed experts, ascending (padding, ``-1``, left out); reads the ids back to the host."""
+    return [e for e in torch.unique(topk_ids).tolist() if e >= 0]
+
+
+def slot_ids(topk_ids: torch.Tensor, placed: Mapping[int, int], num_experts: int) -> torch.Tensor:
+    """``topk_ids`` with each expert of ``placed`` replaced by its slot and every other entry ``-1`` (masked)."""
+    # Index E (and -1, which wraps to it) stays -1: padded routing entries are masked.
+    to_slot = torch.full((num_experts + 1,), -1, dtype=torch.int32)
+    to_slot[list(placed)] = torch.tensor(list(placed.values()), dtype=torch.int32)
+    return to_slot.to(topk_ids.device)[topk_ids]
+
+
 class LayerPager:
     """Residency and copies for the ``num_slots`` HBM slots of MoE layer ``layer``."""
 
@@ -68,26 +106,9 @@ class LayerPager:
         self.store = store
         self.layer = layer
         self.slots = dict(slots)
-        layout = store.layout
-        if sorted(self.slots) != sorted(layout.names):
-            raise ConfigError(
-                f"expert pager: slot tensors {sorted(self.slots)} differ from the store's {list(layout.names)}"
-            )
-        counts = {name: tensor.shape[0] for name, tensor in self.slots.items()}
-        for spec in layout.tensors:
-            row = self.slots[spec.name]
-            if tuple(row.shape[1:]) != spec.shape or row.dtype != spec.dtype or not row.is_contiguous():
-                raise ConfigError(
-                    f"expert pager: slot tensor {spec.name} is {tuple(row.shape)} {row.dtype} (contiguous="
-                    f"{row.is_contiguous()}), expected contiguous [K, {', '.join(map(str, spec.shape))}] {spec.dtype}"
-                )
-        if len(set(counts.values())) != 1:
-            raise ConfigError(f"expert pager: slot tensors have different slot counts {counts}")
-        self.num_slots = next(iter(counts.values()))
-        if self.num_slots >= store.num_experts:
-            raise ConfigError(f"expert pager: {self.num_slots} slots for {store.num_experts} experts page nothing")
+        self.num_slots = check_slots(store, self.slots)
         self.directory = Directory(self.num_slots)
-        self.pool = SlotPool(slot_bytes=layout.block_bytes, slots_per_group=self.num_slots)
+        self.pool = SlotPool(slot_bytes=store.layout.block_bytes, slots_per_group=self.num_slots)
         self.policy = make_policy(policy, signals or PolicySignals())
         self.entries: dict[ObjectKey, CacheEntry] = {}
         self.stats = PagerStats()
@@ -114,6 +135,15 @@ class LayerPager:
         """Start with experts ``0 .. K-1`` in slots ``0 .. K-1`` (as after loading), and wait for them."""
         self.make_resident(list(range(self.num_slots)))
         self.stats = PagerStats()
+
+    def plan(self, topk_ids: torch.Tensor) -> list[list[int]]:
+        """One step's waves (``plan_waves``: reads the routing back to the host); counts the step."""
+        self.stats.steps += 1
+        return plan_waves(distinct_experts(topk_ids), self.resident_experts(), self.num_slots)
+
+    def place(self, topk_ids: torch.Tensor, wave: Sequence[int]) -> torch.Tensor:
+        """Make ``wave`` resident; returns ``topk_ids`` as slot ids, entries outside the wave masked (``-1``)."""
+        return slot_ids(topk_ids, self.make_resident(wave), self.store.num_experts)
 
     def make_resident(self, wave: Sequence[int]) -> dict[int, int]:
         """Make the experts of one wave (at most K) resident; returns ``expert -> slot``.

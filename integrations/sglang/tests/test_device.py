@@ -1,0 +1,119 @@
+"""DeviceLayerPager: one layer's residency decided on the device, on a CPU and in a CUDA graph (no sglang needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K, expert_weights
+from tiermem.errors import ConfigError
+from tiermem.experts.layout import ExpertLayout
+from tiermem.experts.placement import single_tier
+from tiermem.experts.store import ExpertStore
+from tiermem.manager import TierManager
+
+from tiermem_sglang.device import DeviceLayerPager
+
+LAYER = 2
+NUM_SLOTS = 4
+
+
+def build(manager, experts, tier: str = "cxl", device: str = "cpu") -> DeviceLayerPager:
+    store = ExpertStore(manager, layout=ExpertLayout.of(experts[0]), layers=[LAYER], num_experts=NUM_EXPERTS,
+                        placement=single_tier(tier, 1, NUM_EXPERTS))
+    for index, tensors in enumerate(experts):
+        store.write(LAYER, index, tensors)
+    slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN, device=device),
+             "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE, device=device)}
+    pager = DeviceLayerPager(store=store, layer=LAYER, slots=slots)
+    pager.fill()
+    return pager
+
+
+def assert_slots_hold(pager: DeviceLayerPager, experts) -> None:
+    for expert, slot in pager.pager.resident(0).items():
+        for name in ("gate_up", "down"):
+            assert torch.equal(pager.slots[name][slot].cpu(), experts[expert][name]), (expert, slot, name)
+
+
+@pytest.fixture
+def experts():
+    return expert_weights()
+
+
+@pytest.fixture
+def pager(manager, experts):
+    pager = build(manager, experts)
+    yield pager
+    pager.store.close()
+
+
+def test_fill_starts_with_the_first_k_experts_in_their_slots_and_counts_nothing(pager, experts):
+    assert {e: pager.slot_of(e) for e in pager.resident_experts()} == {e: e for e in range(NUM_SLOTS)}
+    assert_slots_hold(pager, experts)
+    stats = pager.stats
+    assert (stats.steps, stats.waves, stats.hits, stats.misses) == (0, 0, 0, 0)
+
+
+def test_one_wave_maps_each_entry_to_its_slot_and_lands_the_home_bytes(pager, experts):
+    topk_ids = torch.tensor([[5, 1], [-1, 6]], dtype=torch.int32)
+    slots = pager.place_all(topk_ids)
+    assert slots.dtype == torch.int32 and slots[1, 0] == -1  # padding stays masked
+    resident = pager.pager.resident(0)
+    assert [[resident.get(int(e), -1) for e in row] for row in topk_ids] == slots.tolist()
+    assert_slots_hold(pager, experts)
+    stats = pager.stats
+    assert (stats.steps, stats.waves, stats.hits, stats.misses) == (1, 1, 1, 2)
+    assert stats.bytes_loaded == 2 * pager.store.layout.payload_bytes
+
+
+def test_a_large_step_is_planned_in_waves_of_at_most_k_resident_experts_first(pager, experts):
+    topk_ids = torch.tensor([[7, 1], [5, 0], [6, 4], [1, 7]])
+    waves = pager.plan(topk_ids)
+    assert [w.tolist() for w in waves] == [[0, 1, 4, 5], [6, 7]]
+    covered = torch.full_like(topk_ids, -1)
+    for wave in waves:
+        slots = pager.place(topk_ids, wave)
+        inside = torch.isin(topk_ids, wave)
+        assert bool((slots[~inside] == -1).all()) and bool((slots[inside] >= 0).all())
+        resident = pager.pager.resident(0)
+        assert all(resident[int(e)] == int(s) for e, s in zip(topk_ids[inside], slots[inside]))
+        assert_slots_hold(pager, experts)
+        covered = torch.where(inside, topk_ids, covered)
+    assert torch.equal(covered, topk_ids)
+    stats = pager.stats
+    assert (stats.steps, stats.waves) == (1, 2) and stats.hits + stats.misses == 6
+    assert [w.tolist() for w in pager.plan(torch.full((2, TOP_K), -1))] == [[]]  # all padding: one empty wave
+
+
+def test_slot_tensors_must_match_the_home_layout(manager, experts):
+    store = ExpertStore(manager, layout=ExpertLayout.of(experts[0]), layers=[LAYER], num_experts=NUM_EXPERTS,
+                        placement=single_tier("cxl", 1, NUM_EXPERTS))
+    wrong = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN), "down": torch.zeros(NUM_SLOTS, HIDDEN, 3)}
+    with pytest.raises(ConfigError, match="slot tensor down"):
+        DeviceLayerPager(store=store, layer=LAYER, slots=wrong)
+    store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_captured_wave_pages_each_replay_for_its_own_routing(experts):
+    config = {"tiers": [{"kind": "cxl", "backing": "emulated", "capacity_bytes": "8MiB", "arena_bytes": "1MiB"}]}
+    with TierManager.from_config(config) as manager:
+        pager = build(manager, experts, device="cuda")
+        static = torch.zeros((1, TOP_K), dtype=torch.int32, device="cuda")
+        pager.place_all(static)  # warm-up: compiles the kernels
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            slots = pager.place_all(static)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            ids = torch.randperm(NUM_EXPERTS, generator=generator)[:TOP_K].to(torch.int32)
+            static.copy_(ids.unsqueeze(0))
+            graph.replay()
+            torch.cuda.synchronize()
+            resident = pager.pager.resident(0)
+            assert slots.cpu().tolist()[0] == [resident[int(e)] for e in ids]
+            assert_slots_hold(pager, experts)
+        assert pager.stats.waves == 21  # the warm-up and every replay; the capture itself ran nothing
+        pager.drain()
+        pager.store.close()

@@ -1,0 +1,117 @@
+"""Pages one MoE layer's experts into its K HBM slots on the GPU's own decision: capturable in a CUDA graph.
+
+``LayerPager`` (``pager.py``) reads each step's routing back to the host to plan, so a step that pages
+cannot sit inside a CUDA graph: SGLang runs it as an eager break of a breakable graph, and a full
+graph is refused. This pager keeps the layer's residency in tiermem's ``DevicePager`` (the slot
+tables as GPU tensors, LRU, decided by one Triton program) and copies the missed experts with
+tiermem's ``BlockCopier`` (a Triton kernel that reads the pinned host homes over UVA), one copy
+group per slot tensor (SGLang's ``w13_weight`` and ``w2_weight`` rows).
+
+A step whose routed entries fit the K slots (decode of up to ``K // top_k`` requests) is one wave:
+``place_all`` queues the paging and the copies with no host sync, so the MoE kernel after them is
+captured with them in SGLang's decode graph and every replay pages for its own routing. A larger
+step (a prefill) goes through ``plan`` (which reads the routing and the resident set back once)
+and ``place`` per wave, the same two calls as ``LayerPager``: waves of at most K distinct experts,
+resident ones first, each decided on the device and its copies read back and run on the copy
+engines (as SGLang's own eager path copies).
+
+Invariants: the device tables are the only record of residency, and every wave (replayed, captured
+or eager) reads and writes them on the current stream, so graph replays and eager steps stay
+coherent; a wave's copies are queued before the kernel that reads its slots, on the same stream;
+a wave never holds more than K distinct experts (a step's routed entries when ``place_all``, a
+plan's chunk otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from tiermem.experts.store import ExpertStore
+from tiermem.residency.device_pager import DevicePager
+from tiermem.transfer.uva_copy import BlockCopier
+
+from tiermem_sglang.pager import PagerStats, check_slots
+
+
+class DeviceLayerPager:
+    """Residency (on the device) and copies for the K HBM slots of MoE layer ``layer``."""
+
+    def __init__(self, *, store: ExpertStore, layer: int, slots: Mapping[str, torch.Tensor],
+                 kernel: bool | None = None) -> None:
+        """``kernel``: decide and copy with the Triton kernels (default: where the slots are on a GPU)."""
+        self.store = store
+        self.layer = layer
+        self.slots = dict(slots)
+        self.num_slots = check_slots(store, self.slots)
+        self.num_experts = store.num_experts
+        names = store.layout.names
+        self.pager = DevicePager(num_groups=1, slots_per_group=self.num_slots, objects_per_group=self.num_experts,
+                                 device=self.device, policy="lru", kernel=kernel)
+        homes = [[store.read(layer, expert)[name] for expert in range(self.num_experts)] for name in names]
+        rows = [self.slots[name].view(self.num_slots, -1).view(torch.uint8) for name in names]
+        self.copier = BlockCopier(homes, rows, kernel=kernel)
+        self._first_wave = 0  # the pager's clock when the counters were last reset
+        self._extra_waves = 0  # waves past a step's first (planned steps)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.slots.values())).device
+
+    @property
+    def stats(self) -> PagerStats:
+        """The counters since ``fill`` (reads the device; graph replays count too)."""
+        needed, loads = self.pager.stats()
+        misses = int(loads.sum())
+        waves = int(self.pager.clock) - self._first_wave
+        return PagerStats(steps=waves - self._extra_waves, waves=waves, hits=needed - misses, misses=misses,
+                          bytes_loaded=misses * self.store.layout.payload_bytes)
+
+    def resident_experts(self) -> set[int]:
+        """Experts in a slot (their copy queued); reads the device."""
+        return set(self.pager.resident(0))
+
+    def slot_of(self, expert: int) -> int | None:
+        return self.pager.resident(0).get(expert)
+
+    def fill(self) -> None:
+        """Start with experts ``0 .. K-1`` in slots ``0 .. K-1`` (as after loading), and wait for them."""
+        self.place_all(torch.arange(self.num_slots, device=self.device).unsqueeze(0))
+        self.pager.reset_stats()
+        self._first_wave, self._extra_waves = int(self.pager.clock), 0
+
+    def place_all(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Make every routed expert of ``topk_ids`` (at most K entries) resident; returns their slot ids (padding,
+        ``-1``, stays ``-1``). No host sync: capturable."""
+        wave = self.pager.page(0, topk_ids.reshape(-1), topk_ids.shape[-1])
+        for group in range(len(self.copier.slots)):
+            self.copier.copy(group, wave.missing, wave.victims, wave.count)
+        return wave.pair_slot.view(topk_ids.shape).to(topk_ids.dtype)
+
+    def plan(self, topk_ids: torch.Tensor) -> list[torch.Tensor]:
+        """One step's waves: its distinct experts (on the device) in chunks of at most K, resident ones first;
+        reads the routing and the resident set back once."""
+        on_host = topk_ids.reshape(-1).cpu()
+        distinct = torch.unique(on_host[(on_host >= 0) & (on_host < self.num_experts)])
+        resident = self.pager.object_slot[0, distinct.to(self.device)].cpu() >= 0
+        ordered = torch.cat([distinct[resident], distinct[~resident]]).to(self.device)
+        waves = list(ordered.split(self.num_slots)) or [ordered]
+        self._extra_waves += len(waves) - 1
+        return waves
+
+    def place(self, topk_ids: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+        """Make the experts of ``wave`` resident; returns ``topk_ids`` as slot ids, entries outside it masked. The
+        host reads the wave's copies back and runs them on the copy engines (this step has synchronised already,
+        and they move a large step's experts ~5% faster than the copy kernel)."""
+        masked = torch.where(torch.isin(topk_ids, wave), topk_ids, -1)
+        paged = self.pager.page(0, masked.reshape(-1), topk_ids.shape[-1])
+        copies = int(paged.count)
+        listed = torch.stack([paged.missing[:copies], paged.victims[:copies]]).tolist()
+        for group in range(len(self.copier.slots)):
+            self.copier.copy_listed(group, *listed)
+        return paged.pair_slot.view(topk_ids.shape).to(topk_ids.dtype)
+
+    def drain(self) -> None:
+        """Wait for the queued copies, which read the homes (before the homes are freed)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
