@@ -1,9 +1,10 @@
 """End-to-end: one model served all-HBM, with ``--expert-tier cxl`` and with SGLang's ``--enable-paged-experts``
 at the same HBM budget (K slots per layer), in one run; same requests, greedy; outputs compared with all-HBM.
 
-Phases: ``hbm``, ``tiermem`` (host pager), ``device`` (``--expert-tier-pager device``), ``paged`` and
-``predictor``, each eager (decode CUDA graphs disabled) or, as ``NAME+graph``, with decode CUDA graphs
-captured up to ``K // top_k`` requests (``phase_flags``); graph phases also compare with ``hbm+graph``.
+Phases: ``hbm``, ``tiermem`` (``--expert-tier-pager host``), ``device`` (``--expert-tier-pager device``),
+``paged`` and ``predictor`` (host pager with a predictor), each eager (decode CUDA graphs disabled)
+or, as ``NAME+graph``, with decode CUDA graphs captured up to ``K // top_k`` requests
+(``phase_flags``); graph phases also compare with ``hbm+graph``.
 
 Each phase starts ``python -m sglang.launch_server`` (plugins load there), waits for it, sends the same
 token-id requests at a fixed concurrency, records output ids and wall time, and stops the server. The
@@ -58,10 +59,10 @@ def phase_flags(phase: str, slots: int, top_k: int, trace: Path) -> list[str]:
     tiered = ["--expert-tier", "cxl", "--expert-tier-slots", str(slots)]
     flags = {
         "hbm": [],
-        "tiermem": tiered,
+        "tiermem": [*tiered, "--expert-tier-pager", "host"],
         "device": [*tiered, "--expert-tier-pager", "device"],
         "paged": ["--enable-paged-experts", "--paged-experts-num-resident", str(slots)],
-        "predictor": [*tiered, "--expert-tier-predictor", str(trace)],
+        "predictor": [*tiered, "--expert-tier-pager", "host", "--expert-tier-predictor", str(trace)],
     }[name]
     if not graph:
         return [*flags, "--cuda-graph-backend-decode", "disabled"]

@@ -24,16 +24,16 @@ def test_flags_parse_into_a_frozen_config():
     config = config_from_namespace(parse("--expert-tier", "cxl", "--expert-tier-slots", "16",
                                          "--expert-tier-predictor", "/t.npz", "--expert-tier-config", "/c.toml"))
     assert config == ExpertTierConfig(expert_tier=ExpertTier.CXL, slots=16, predictor_path="/t.npz",
-                                      tiermem_config_path="/c.toml")
+                                      tiermem_config_path="/c.toml", pager=ExpertPager.HOST)
     with pytest.raises(AttributeError):
         config.slots = 4
 
 
-def test_the_pager_flag_picks_the_device_pager_which_cannot_prefetch():
-    config = config_from_namespace(parse("--expert-tier", "cxl", "--expert-tier-slots", "16",
-                                         "--expert-tier-pager", "device"))
-    assert config.pager is ExpertPager.DEVICE
-    assert config_from_namespace(parse("--expert-tier", "cxl", "--expert-tier-slots", "16")).pager is ExpertPager.HOST
+def test_the_device_pager_is_the_default_unless_a_predictor_asks_for_prefetch():
+    offload = ("--expert-tier", "cxl", "--expert-tier-slots", "16")
+    assert config_from_namespace(parse(*offload)).pager is ExpertPager.DEVICE
+    assert config_from_namespace(parse(*offload, "--expert-tier-predictor", "/t.npz")).pager is ExpertPager.HOST
+    assert config_from_namespace(parse(*offload, "--expert-tier-pager", "host")).pager is ExpertPager.HOST
     with pytest.raises(ConfigError, match="drop one of --expert-tier-predictor and --expert-tier-pager device"):
         config_from_namespace(parse("--expert-tier", "cxl", "--expert-tier-slots", "16", "--expert-tier-pager",
                                     "device", "--expert-tier-predictor", "/t.npz"))

@@ -37,8 +37,8 @@ class ExpertTier(str, enum.Enum):
 class ExpertPager(str, enum.Enum):
     """Who decides which experts sit in the HBM slots at each step."""
 
-    HOST = "host"  # tiermem's planner on the host (reads the routing back; prefetch; breakable or no graphs)
     DEVICE = "device"  # tiermem's device pager on the GPU (no host sync; full decode CUDA graphs; LRU)
+    HOST = "host"  # tiermem's planner on the host (reads the routing back; prefetch; breakable or no graphs)
 
 
 class TableTier(str, enum.Enum):
@@ -58,9 +58,9 @@ class ExpertTierConfig:
     hbm_fraction: float | None = option(
         None, help="Fraction of each layer's experts that get an HBM slot (--expert-tier-hbm-fraction).")
     pager: ExpertPager = option(
-        ExpertPager.HOST, help="Who pages the experts (--expert-tier-pager): host (plans on the host, can prefetch "
-                               "from a predictor) or device (decides and copies on the GPU, capturable in a full "
-                               "decode CUDA graph).")
+        ExpertPager.DEVICE, help="Who pages the experts (--expert-tier-pager): device (decides and copies on the "
+                                 "GPU, capturable in a full decode CUDA graph) or host (plans on the host; the "
+                                 "one that prefetches from --expert-tier-predictor).")
     predictor_path: str | None = option(
         None, help="Routing trace (.npz) to fit a co-occurrence predictor from, or a learned predictor (.pt).")
     tiermem_config_path: str | None = option(

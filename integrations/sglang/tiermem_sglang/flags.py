@@ -50,9 +50,10 @@ def add_flags(result: Any, parser: argparse.ArgumentParser) -> None:
         help="Fraction of each MoE layer's experts that get an HBM slot, in (0, 1).")
     group.add_argument(
         "--expert-tier-pager", choices=[p.value for p in ExpertPager], default=None,
-        help="Who pages experts into the slots: host (default; plans on the host, prefetches with a predictor; "
-             "decode graphs breakable or disabled) or device (decides and copies on the GPU without a host sync, "
-             "so decode runs in full CUDA graphs up to K // top-k requests; LRU).")
+        help="Who pages experts into the slots: device (decides and copies on the GPU without a host sync, so "
+             "decode runs in full CUDA graphs up to K // top-k requests; LRU) or host (plans on the host and "
+             "prefetches with --expert-tier-predictor; decode graphs breakable or disabled). Default: device, or "
+             "host when --expert-tier-predictor is given.")
     group.add_argument(
         "--expert-tier-predictor", default=None, metavar="PATH",
         help="Prefetch with a route predictor: a tiermem routing trace (.npz, e.g. from `python -m "
@@ -73,7 +74,7 @@ def config_from_namespace(args: argparse.Namespace) -> ExpertTierConfig | None:
     return ExpertTierConfig(
         expert_tier=ExpertTier(given.pop("expert_tier", ExpertTier.HBM.value)),
         engram_table_tier=TableTier(given.pop("engram_table_tier")) if "engram_table_tier" in given else None,
-        **({"pager": ExpertPager(given.pop("pager"))} if "pager" in given else {}),
+        pager=ExpertPager(given.pop("pager", ExpertPager.HOST if "predictor_path" in given else ExpertPager.DEVICE)),
         **given,
     )
 
