@@ -18,6 +18,7 @@
 #   sglang:        srt/rust_extensions/_{server,grpc,multimodal,bench} (SGLANG_RUST_SERVER, gRPC ports,
 #                  multimodal processors and bench clients only; loaded on use) and multimodal_gen (the
 #                  diffusion server; `sglang serve` imports it only for diffusion models, under ImportError)
+# transformers is left out: the image's 5.17.0 serves the run (gpu-wheels.txt says where that was checked).
 # flashinfer is left out on purpose: without it sglang takes its non-flashinfer paths (triton attention,
 # pytorch sampling) instead of JIT-compiling flashinfer kernels at start-up.
 # Needs: python3 with pip. Downloads are cached in $WHEEL_CACHE (default /tmp/tiermem-wheel-cache).
