@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiermem.experts.layout import ExpertLayout
+from tiermem.experts.placement import single_tier
+from tiermem.experts.store import ExpertStore
 from tiermem.manager import TierManager
 
 SMALL_TIER_BYTES = 8 << 20
@@ -12,6 +15,8 @@ NUM_EXPERTS = 8
 HIDDEN = 16
 INTERMEDIATE = 8
 TOP_K = 2
+# An emulated cxl tier registered with CUDA (the GPU reads its homes): for GPU tests.
+REGISTERED_CXL = {"tiers": [{"kind": "cxl", "backing": "emulated", "capacity_bytes": "8MiB", "arena_bytes": "1MiB"}]}
 
 
 @pytest.fixture
@@ -34,6 +39,22 @@ def expert_weights(num_experts: int = NUM_EXPERTS, seed: int = 0) -> list[dict[s
          "down": torch.randn(HIDDEN, INTERMEDIATE, generator=generator) * 0.2}
         for _ in range(num_experts)
     ]
+
+
+def filled_store(manager: TierManager, experts: list[dict[str, torch.Tensor]], layer: int, *,
+                 tier: str = "cxl", table: str = "experts") -> ExpertStore:
+    """An ``ExpertStore`` holding ``experts`` as MoE layer ``layer``'s, every home on ``tier``."""
+    store = ExpertStore(manager, layout=ExpertLayout.of(experts[0]), layers=[layer], num_experts=len(experts),
+                        placement=single_tier(tier, 1, len(experts)), table=table)
+    for index, tensors in enumerate(experts):
+        store.write(layer, index, tensors)
+    return store
+
+
+def slot_tensors(num_slots: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Zeroed slots for the tiny experts: ``gate_up [K, 2I, H]`` and ``down [K, H, I]``."""
+    return {"gate_up": torch.zeros(num_slots, 2 * INTERMEDIATE, HIDDEN, device=device),
+            "down": torch.zeros(num_slots, HIDDEN, INTERMEDIATE, device=device)}
 
 
 def entry_outputs(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,

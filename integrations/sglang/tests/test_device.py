@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K, expert_weights
+from conftest import HIDDEN, NUM_EXPERTS, REGISTERED_CXL, TOP_K, expert_weights, filled_store, slot_tensors
 from tiermem.errors import ConfigError
-from tiermem.experts.layout import ExpertLayout
-from tiermem.experts.placement import single_tier
-from tiermem.experts.store import ExpertStore
 from tiermem.manager import TierManager
 
 from tiermem_sglang.device import DeviceLayerPager
@@ -17,14 +14,9 @@ LAYER = 2
 NUM_SLOTS = 4
 
 
-def build(manager, experts, tier: str = "cxl", device: str = "cpu") -> DeviceLayerPager:
-    store = ExpertStore(manager, layout=ExpertLayout.of(experts[0]), layers=[LAYER], num_experts=NUM_EXPERTS,
-                        placement=single_tier(tier, 1, NUM_EXPERTS))
-    for index, tensors in enumerate(experts):
-        store.write(LAYER, index, tensors)
-    slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN, device=device),
-             "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE, device=device)}
-    pager = DeviceLayerPager(store=store, layer=LAYER, slots=slots)
+def build(manager, experts, device: str = "cpu") -> DeviceLayerPager:
+    pager = DeviceLayerPager(store=filled_store(manager, experts, LAYER), layer=LAYER,
+                             slots=slot_tensors(NUM_SLOTS, device))
     pager.fill()
     return pager
 
@@ -86,9 +78,8 @@ def test_a_large_step_is_planned_in_waves_of_at_most_k_resident_experts_first(pa
 
 
 def test_slot_tensors_must_match_the_home_layout(manager, experts):
-    store = ExpertStore(manager, layout=ExpertLayout.of(experts[0]), layers=[LAYER], num_experts=NUM_EXPERTS,
-                        placement=single_tier("cxl", 1, NUM_EXPERTS))
-    wrong = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN), "down": torch.zeros(NUM_SLOTS, HIDDEN, 3)}
+    store = filled_store(manager, experts, LAYER)
+    wrong = {**slot_tensors(NUM_SLOTS), "down": torch.zeros(NUM_SLOTS, HIDDEN, 3)}
     with pytest.raises(ConfigError, match="slot tensor down"):
         DeviceLayerPager(store=store, layer=LAYER, slots=wrong)
     store.close()
@@ -97,8 +88,7 @@ def test_slot_tensors_must_match_the_home_layout(manager, experts):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_captured_wave_pages_each_replay_for_its_own_routing(experts):
-    config = {"tiers": [{"kind": "cxl", "backing": "emulated", "capacity_bytes": "8MiB", "arena_bytes": "1MiB"}]}
-    with TierManager.from_config(config) as manager:
+    with TierManager.from_config(REGISTERED_CXL) as manager:
         pager = build(manager, experts, device="cuda")
         static = torch.zeros((1, TOP_K), dtype=torch.int32, device="cuda")
         pager.place_all(static)  # warm-up: compiles the kernels

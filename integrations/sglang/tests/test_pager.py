@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HIDDEN, INTERMEDIATE, NUM_EXPERTS, expert_weights
+from conftest import HIDDEN, INTERMEDIATE, REGISTERED_CXL, expert_weights, filled_store, slot_tensors
 from tiermem.errors import ConfigError
-from tiermem.experts.layout import ExpertLayout
-from tiermem.experts.placement import single_tier
-from tiermem.experts.store import ExpertStore
 from tiermem.manager import TierManager
 
 from tiermem_sglang.pager import LayerPager, plan_waves
@@ -24,14 +21,8 @@ def experts():
 
 @pytest.fixture
 def pager(manager, experts):
-    layout = ExpertLayout.of(experts[0])
-    store = ExpertStore(manager, layout=layout, layers=[LAYER], num_experts=NUM_EXPERTS,
-                        placement=single_tier("cxl", 1, NUM_EXPERTS))
-    for index, tensors in enumerate(experts):
-        store.write(LAYER, index, tensors)
-    slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN),
-             "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
-    pager = LayerPager(manager=manager, store=store, layer=LAYER, slots=slots)
+    store = filled_store(manager, experts, LAYER)
+    pager = LayerPager(manager=manager, store=store, layer=LAYER, slots=slot_tensors(NUM_SLOTS))
     pager.fill()
     yield pager
     store.close()
@@ -92,13 +83,8 @@ def test_a_full_wave_waits_for_and_evicts_prefetches_it_does_not_need(experts):
     slow = {"tiers": [{"kind": "sim", "capacity_bytes": "8MiB", "arena_bytes": "1MiB", "bandwidth_gbps": 1e-4,
                        "register_cuda": "never"}]}  # 100 kB/s: the prefetches are still in flight at the next wave
     with TierManager.from_config(slow) as manager:
-        store = ExpertStore(manager, layout=ExpertLayout.of(experts[0]), layers=[LAYER], num_experts=NUM_EXPERTS,
-                            placement=single_tier("sim", 1, NUM_EXPERTS))
-        for index, tensors in enumerate(experts):
-            store.write(LAYER, index, tensors)
-        slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN),
-                 "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
-        pager = LayerPager(manager=manager, store=store, layer=LAYER, slots=slots)
+        store = filled_store(manager, experts, LAYER, tier="sim")
+        pager = LayerPager(manager=manager, store=store, layer=LAYER, slots=slot_tensors(NUM_SLOTS))
         pager.make_resident([0])
         assert pager.prefetch({6: 0.9, 7: 0.8}, max_experts=2) == 2
         placed = pager.make_resident([0, 1, 2])  # needs all 3 slots; 6 and 7 were loaded for nothing
@@ -119,11 +105,9 @@ def test_a_wave_larger_than_the_slots_is_refused(pager):
 
 
 def test_slot_tensors_must_match_the_home_layout(manager, experts):
-    layout = ExpertLayout.of(experts[0])
-    store = ExpertStore(manager, layout=layout, layers=[LAYER], num_experts=NUM_EXPERTS,
-                        placement=single_tier("cxl", 1, NUM_EXPERTS))
-    wrong = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN, dtype=torch.bfloat16),
-             "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
+    store = filled_store(manager, experts, LAYER)
+    wrong = {**slot_tensors(NUM_SLOTS),
+             "gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN, dtype=torch.bfloat16)}
     with pytest.raises(ConfigError, match="slot tensor gate_up"):
         LayerPager(manager=manager, store=store, layer=LAYER, slots=wrong)
     store.close()
@@ -132,14 +116,9 @@ def test_slot_tensors_must_match_the_home_layout(manager, experts):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_waves_land_in_gpu_slots_from_registered_host_memory(experts):
-    config = {"tiers": [{"kind": "cxl", "backing": "emulated", "capacity_bytes": "8MiB", "arena_bytes": "1MiB"}]}
-    with TierManager.from_config(config) as manager:
-        store = ExpertStore(manager, layout=ExpertLayout.of(experts[0]), layers=[LAYER], num_experts=NUM_EXPERTS,
-                            placement=single_tier("cxl", 1, NUM_EXPERTS))
-        for index, tensors in enumerate(experts):
-            store.write(LAYER, index, tensors)
-        slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN, device="cuda"),
-                 "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE, device="cuda")}
+    with TierManager.from_config(REGISTERED_CXL) as manager:
+        store = filled_store(manager, experts, LAYER)
+        slots = slot_tensors(NUM_SLOTS, device="cuda")
         pager = LayerPager(manager=manager, store=store, layer=LAYER, slots=slots)
         pager.fill()
         pager.prefetch({7: 1.0}, max_experts=1)

@@ -6,11 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import HIDDEN, INTERMEDIATE, NUM_EXPERTS, expert_weights
+from conftest import NUM_EXPERTS, expert_weights, filled_store, slot_tensors
 from tiermem.errors import ConfigError
-from tiermem.experts.layout import ExpertLayout
-from tiermem.experts.placement import single_tier
-from tiermem.experts.store import ExpertStore
 from tiermem.predict.trace import RouteTrace, save_trace
 
 from tiermem_sglang.pager import LayerPager
@@ -37,16 +34,10 @@ def chained_trace(path) -> None:
 @pytest.fixture
 def pagers(manager):
     experts = expert_weights()
-    layout = ExpertLayout.of(experts[0])
     made = []
     for layer in range(NUM_LAYERS):
-        store = ExpertStore(manager, layout=layout, layers=[layer], num_experts=NUM_EXPERTS,
-                            placement=single_tier("cxl", 1, NUM_EXPERTS), table=f"layer{layer}")
-        for index, tensors in enumerate(experts):
-            store.write(layer, index, tensors)
-        slots = {"gate_up": torch.zeros(NUM_SLOTS, 2 * INTERMEDIATE, HIDDEN),
-                 "down": torch.zeros(NUM_SLOTS, HIDDEN, INTERMEDIATE)}
-        pager = LayerPager(manager=manager, store=store, layer=layer, slots=slots)
+        store = filled_store(manager, experts, layer, table=f"layer{layer}")
+        pager = LayerPager(manager=manager, store=store, layer=layer, slots=slot_tensors(NUM_SLOTS))
         pager.fill()
         made.append(pager)
     yield made
