@@ -68,10 +68,16 @@ def test_every_supported_architecture_decodes_bit_identically_on_the_device_page
     {"resident_fraction": 0.25, "pager": "device", "slot_layout": "shared", "policy": "lfu"},
 ])
 def test_layers_with_more_pairs_than_slots_run_in_waves_and_stay_bit_identical(config):
-    model, vocab = _tiny_qwen3(seed=6)
-    prompts = [torch.randint(0, vocab, shape) for shape in ((3, 5), (1, 1), (2, 1), (4, 3), (1, 1))]  # prefills
-    stats = _check_bit_identical(model, prompts, config)
-    assert stats["misses"] > 0 and stats["hits"] > 0 and stats["hits"] + stats["misses"] == stats["demands"]
+    vocab = _tiny_qwen3(seed=6)[1]
+    prompts = [torch.randint(0, vocab, shape) for shape in ((3, 5), (1, 1), (2, 1), (4, 3), (1, 1), (4, 1))]
+    # waves decided on the device (layers of up to 64 tokens) and after reading the routing back (0): the same
+    # waves, so the same paging, and both bit-identical to the resident model (a fresh copy of it each time)
+    on_device = _check_bit_identical(_tiny_qwen3(seed=6)[0], prompts, config)
+    read_back = _check_bit_identical(_tiny_qwen3(seed=6)[0], prompts, {**config, "device_waves_max_tokens": 0})
+    for stats in (on_device, read_back):
+        assert stats["misses"] > 0 and stats["hits"] > 0 and stats["hits"] + stats["misses"] == stats["demands"]
+    counted = ("demands", "hits", "misses")
+    assert [on_device[k] for k in counted] == [read_back[k] for k in counted]
 
 
 class StepTable(FirstExperts):
@@ -112,6 +118,8 @@ def test_offload_config_built_directly_takes_enum_values_and_refuses_unknown_one
     assert (config.pager, config.slot_layout, config.compute) == (Pager.DEVICE, SlotLayout.SHARED, ExpertCompute.GROUPED)
     with pytest.raises(ConfigError, match=r"pager must be one of \['host', 'device'\], got 'gpu'"):
         OffloadConfig(resident_fraction=0.5, pager="gpu")
+    with pytest.raises(ConfigError, match="device_waves_max_tokens must be >= 0, got -1"):
+        OffloadConfig(resident_fraction=0.5, pager="device", device_waves_max_tokens=-1)
 
 
 def test_device_pager_refuses_homes_whose_tier_hooks_io():
@@ -172,7 +180,8 @@ def test_the_copy_kernel_moves_the_counted_blocks_in_the_triton_interpreter(run_
 def test_device_pager_on_the_gpu_is_bit_identical_with_graphs_and_without():
     generator = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 256, shape, generator=generator).cuda() for shape in  # a prefill of 4 x top-4 > 8
-               ((1, 4), (1, 1), (2, 1), (1, 1), (1, 1), (2, 1), (1, 1), (1, 1), (2, 1))]  # slots runs in waves
+               ((1, 4), (1, 1), (2, 1), (1, 1), (3, 1), (2, 1), (1, 1), (3, 1), (2, 1))]  # slots, and batches of 3,
+    # run in waves decided on the device: captured with the layer, the second batch of 3 replays them
     counters = []
     for graphs in (True, False):
         model = _qwen3_on_gpu(seed=9)  # 32 experts, top-4: 8 slots per layer at 25%

@@ -12,17 +12,21 @@ eviction.
 
 Invariants:
 - a layer whose routed pairs fit its slot group (``pairs <= slots_per_group``, a static bound on its
-  distinct experts: decode at small batch) is one wave and never waits on the host; a larger layer
-  (a prefill) reads its routing back once and runs its distinct experts in waves of at most a
-  group's slots, resident ones first, each wave's copies read back and run on the copy engines
-  (eager, no graph);
+  distinct experts: decode at small batch) is one wave and never waits on the host;
+- a layer with more pairs runs its distinct experts in waves of at most a group's slots, resident
+  ones first, then by id: decided on the device for a layer of at most ``waves_max_tokens`` tokens
+  (decode at larger batch: ``ceil(min(pairs, experts) / slots)`` waves, a static count, so its graph
+  captures them; a wave left empty copies and computes nothing), else (a prefill) after one read of
+  the routing, exactly the waves it needs, each wave's copies read back and run on the copy engines
+  (eager, no graph); both split a layer into the same waves;
 - the output is bit-identical to the host pager's grouped path and to transformers' ``grouped_mm``
   experts on the all-resident weights (each row computed by its own expert's GEMM group; dropped
   pairs are zero); slot choice never changes a value;
 - a graph's warm-ups page real waves (their copies really run, so the tables stay true); the first
   warm-up of a layer met in a decode is that layer's run (its output is returned, its paging
-  counted), and the counters forget the other warm-ups; ``prepare`` counts none and leaves the
-  group empty.
+  counted), and the counters forget the other warm-ups (a layer in waves has none: a second run
+  would page other waves and leave the group unlike an eager run's); ``prepare`` counts none and
+  leaves the group empty.
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ class DevicePagedLayers:
     """Runs layers through ``pager`` and ``copier`` on ``weights[group]`` (one ``SlotWeights`` per slot group)."""
 
     def __init__(self, pager: DevicePager, copier: BlockCopier, weights: Sequence[SlotWeights], *,
-                 experts_per_layer: int, per_layer: bool, cuda_graphs: bool, max_graphs: int = 1024) -> None:
+                 experts_per_layer: int, per_layer: bool, cuda_graphs: bool, waves_max_tokens: int = 64,
+                 max_graphs: int = 1024) -> None:
         self.pager, self.copier, self.weights = pager, copier, list(weights)
+        self.waves_max_tokens = waves_max_tokens  # larger layers with more pairs than slots read their routing back
         self.experts_per_layer = experts_per_layer
         self.per_layer = per_layer  # a slot group per layer position, or one group shared by every layer
         self.use_graphs = cuda_graphs and pager.device.type == "cuda"
@@ -70,7 +76,6 @@ class DevicePagedLayers:
         self._failed: set[tuple] = set()
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.replays = 0
-        self._warned_waves = False
 
     def place(self, position: int) -> tuple[int, int]:
         """The slot group of layer ``position`` and the object id of its expert 0 within that group."""
@@ -84,15 +89,9 @@ class DevicePagedLayers:
             act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The routed experts' summed output ``[T, H]`` of the layer at ``position``."""
         group, first_object = self.place(position)
-        if top_k_index.numel() > self.pager.slots_per_group:
-            if not self._warned_waves:
-                self._warned_waves = True
-                log.warning("device pager: a layer of %d token(s) x top-%d has more routed pairs than the %d slots of "
-                            "its group, so it reads its routing back and runs in waves (fine for a prefill; for decode "
-                            "at this batch the host pager was faster: 0.75-0.87x with the device pager at batch 8 "
-                            "and 64 on an H100); use pager='host' for such batches", top_k_index.shape[0],
-                            top_k_index.shape[-1], self.pager.slots_per_group)
-            return self._waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn)
+        if top_k_index.numel() > self.pager.slots_per_group and top_k_index.shape[0] > self.waves_max_tokens:
+            rows = self._waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn)
+            return sum_pairs(rows, hidden.shape[0], hidden.dtype)
         key = self._key(group, first_object, hidden, top_k_index, top_k_weights, act_fn)
         captured = self._graphs.get(key)
         if captured is None:
@@ -127,7 +126,9 @@ class DevicePagedLayers:
 
     def _layer(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return sum_pairs(self._pair_rows(group, first_object, hidden, top_k_index, top_k_weights, act_fn),
+        """The layer's summed output with no host sync: one wave, or waves decided on the device."""
+        waves = self._pair_rows if top_k_index.numel() <= self.pager.slots_per_group else self._device_waves
+        return sum_pairs(waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn),
                          hidden.shape[0], hidden.dtype)
 
     def _pair_rows(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -148,6 +149,29 @@ class DevicePagedLayers:
         compute_wave(hidden, top_k_weights, wave.index, experts.numel(), weights, act_fn, out)
         return out.masked_fill_((wave.pair_slot < 0).unsqueeze(-1), 0)  # rows past the last slot's are not computed
 
+    def _device_waves(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A layer with more routed pairs than its group has slots, in waves decided on the device: its distinct
+        experts ranked resident first, then by id (``_waves``'s order), wave ``w`` taking ranks ``[w S, (w + 1) S)``,
+        over a static ``ceil(min(pairs, experts) / S)`` waves; each pair's weighted output ``[T * K, H]``."""
+        experts = top_k_index.reshape(-1)
+        slots, count = self.pager.slots_per_group, self.pager.objects_per_group
+        valid = (experts >= 0) & (experts < self.experts_per_layer)
+        objects = torch.where(valid, experts + first_object, count)
+        need = torch.zeros(count + 1, dtype=torch.bool, device=self.pager.device).index_fill_(0, objects, True)
+        ids = torch.arange(count, device=self.pager.device)
+        resident = self.pager.object_slot[group, :count] >= 0
+        key = torch.where(need[:count], torch.where(resident, ids, ids + count), 2 * count)
+        rank = torch.empty_like(ids).scatter_(0, torch.argsort(key), ids)
+        wave_of_pair = torch.where(valid, rank[objects.clamp(max=count - 1)] // slots, -1)
+        out = pair_buffer(hidden, top_k_weights, self.weights[group])
+        for wave in range(-(-min(experts.numel(), self.experts_per_layer) // slots)):
+            member = wave_of_pair == wave
+            rows = self._pair_rows(group, first_object, hidden, torch.where(member, experts, -1).view_as(top_k_index),
+                                   top_k_weights, act_fn)
+            out = torch.where(member.unsqueeze(-1), rows, out)
+        return out
+
     def _waves(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """A layer with more routed pairs than its group has slots (a prefill): the host reads the routing and
@@ -164,7 +188,7 @@ class DevicePagedLayers:
             rows = self._pair_rows(group, first_object, hidden, torch.where(member, experts, -1).view_as(top_k_index),
                                    top_k_weights, act_fn, listed=True)
             out = torch.where(member.unsqueeze(-1), rows, out)
-        return sum_pairs(out, hidden.shape[0], hidden.dtype)
+        return out
 
     def _key(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
              top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple:
@@ -188,7 +212,9 @@ class DevicePagedLayers:
             first = self._layer(group, first_object, *static, act_fn)
             if count:
                 saved = self.pager.save_counts()
-            for _ in range(WARMUP_RUNS - 1):
+            # A layer in waves ran each wave's kernels several times already; run again, it would page other
+            # waves (they follow residency), leaving the group unlike an eager run's.
+            for _ in range(WARMUP_RUNS - 1 if top_k_index.numel() <= self.pager.slots_per_group else 0):
                 self._layer(group, first_object, *static, act_fn)
         current.wait_stream(side)
         first.record_stream(current)  # the caller uses it on its stream
@@ -208,7 +234,7 @@ class DevicePagedLayers:
 
 
 def build_device_pager(store: ExpertStore, cache: ExpertCache, weights: Sequence[SlotWeights], policy: str, *,
-                       cuda_graphs: bool) -> DevicePagedLayers:
+                       cuda_graphs: bool, waves_max_tokens: int = 64) -> DevicePagedLayers:
     """The device pager over ``cache``'s slot groups and ``store``'s homes (validated here)."""
     hooked = sorted(t for t in store.placement.tiers if store.manager.tier(t).io_hooked)
     if hooked:
@@ -222,7 +248,8 @@ def build_device_pager(store: ExpertStore, cache: ExpertCache, weights: Sequence
                         device=cache.device, policy=policy)
     copier = BlockCopier(homes, [cache.memory[g * per_group:(g + 1) * per_group] for g in range(cache.num_groups)])
     return DevicePagedLayers(pager, copier, weights, experts_per_layer=store.num_experts,
-                             per_layer=cache.slot_layout is SlotLayout.PER_LAYER, cuda_graphs=cuda_graphs)
+                             per_layer=cache.slot_layout is SlotLayout.PER_LAYER, cuda_graphs=cuda_graphs,
+                             waves_max_tokens=waves_max_tokens)
 
 
 def device_stats(layers: DevicePagedLayers, store: ExpertStore) -> PrefetchStats:

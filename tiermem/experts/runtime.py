@@ -84,8 +84,12 @@ class OffloadConfig:
                                           "launches per layer).")
     pager: Pager = option(Pager.HOST, help="host: the host pages each layer (prefetch, predictors, any batch); "
                                            "device: the GPU pages on demand (lru, lfu, or predicted from a step "
-                                           "table; grouped compute), with no host sync for a layer whose routed "
-                                           "pairs fit its slot group (small-batch decode), one for a larger one.")
+                                           "table; grouped compute), with no host sync for a layer of at most "
+                                           "device_waves_max_tokens tokens (decode), one per wave for a larger one.")
+    device_waves_max_tokens: int = option(
+        64, help="device pager: a layer of at most this many tokens whose routed pairs outnumber its slots runs its "
+                 "waves decided on the device (no host sync, captured in its CUDA graph); a larger one (a prefill) "
+                 "reads its routing back and runs exactly the waves it needs. 0: always read back.")
 
     def __post_init__(self) -> None:
         for name, kind in (("pager", Pager), ("slot_layout", SlotLayout), ("compute", ExpertCompute)):
@@ -98,6 +102,8 @@ class OffloadConfig:
                 "give exactly one of hbm_budget_bytes and resident_fraction")
         require(self.policy is None or (self.policy in EVICTION_POLICIES and self.policy != "belady"), self,
                 f"policy must be lru, lfu or predicted (belady needs the future: simulation only), got {self.policy!r}")
+        require(self.device_waves_max_tokens >= 0, self,
+                f"device_waves_max_tokens must be >= 0, got {self.device_waves_max_tokens}")
         if self.pager is Pager.DEVICE:
             require(self.compute in (None, ExpertCompute.GROUPED), self,
                     "the device pager computes grouped (its wave index is built on the device); use compute='grouped'")
@@ -160,7 +166,8 @@ class ExpertRuntime:
                                   for g in range(self.cache.num_groups)]
         use_graphs = self.compute is ExpertCompute.GROUPED and config.cuda_graphs and self.cache.device.type == "cuda"
         self._graphs = WaveGraphs(self._slot_weights) if use_graphs else None
-        self._device = build_device_pager(store, self.cache, self._slot_weights, policy, cuda_graphs=config.cuda_graphs) \
+        self._device = build_device_pager(store, self.cache, self._slot_weights, policy, cuda_graphs=config.cuda_graphs,
+                                          waves_max_tokens=config.device_waves_max_tokens) \
             if config.pager is Pager.DEVICE else None
         self._predictor = predictor
         self._scores_from: Any = None  # the step table now in the device pager (predicted policy)
