@@ -8,9 +8,9 @@ the H100: 45.8-48.7 GB/s at 1-4 KiB rows against 55 GB/s for the copy engines. O
 copies run as tensor copies (tests), reading the count back.
 
 Invariants: every home is validated once, at construction (contiguous, as long as a row of its
-group's slots, pinned when the slots are on a GPU), and its holder keeps it alive and in place while the copier lives;
-a copy only reads homes and writes the listed slot rows, on the current stream, graph-capturable on
-a GPU.
+group's slots, pinned when the slots are on a GPU), and its holder keeps it alive and in place while
+the copier lives; a copy only reads homes and writes the listed slot rows, on the current stream,
+graph-capturable on a GPU (``copy``; ``copy_listed`` takes a list the host has read back).
 """
 
 from __future__ import annotations
