@@ -9,7 +9,7 @@ import pytest
 
 from tiermem.cli import simulate as simulate_cli
 from tiermem.errors import CapacityError, ConfigError
-from tiermem.simulate import GPUS, HOST_LINKS, expert_budget, model_shape, plan_capacity
+from tiermem.simulate import GPUS, HOST_LINKS, PAGERS, decode_cost, expert_budget, model_shape, plan_capacity
 
 GIB = 2**30
 
@@ -57,16 +57,32 @@ def test_cli_replays_a_trace_as_json(traces_dir, capsys):
     assert records[0]["hit_rate"] <= records[1]["hit_rate"] and records[0]["tokens_per_s"] > 0
 
 
-def test_cli_host_pager_profile_slows_the_replay_to_the_hosts_pace(traces_dir, capsys):
+def test_cli_pager_profiles_change_time_not_caching(traces_dir, capsys):
     trace = traces_dir / "qwen1.5-moe-a2.7b_fiddler-usage.npz"
     records = {}
-    for pager in ("ideal", "python-h100"):
-        assert run_cli(["--trace", str(trace), "--fraction", "0.5", "--policy", "lru", "--json",
-                        "--host-pager", pager]) == 0
+    for pager, flag in (("ideal", "--pager"), ("python-h100", "--host-pager"), ("device-h100", "--pager")):
+        assert run_cli(["--trace", str(trace), "--fraction", "0.5", "--policy", "lru", "--json", flag, pager]) == 0
         records[pager] = json.loads(capsys.readouterr().out)
-    assert records["python-h100"]["hit_rate"] == records["ideal"]["hit_rate"]  # the host changes time, not caching
-    assert records["python-h100"]["tokens_per_s"] < records["ideal"]["tokens_per_s"]
+    hit_rates = {record["hit_rate"] for record in records.values()}
+    assert len(hit_rates) == 1  # paging's cost changes time, not what is resident
+    # the Python host paces the replay; the device pager only adds its kernel time and slower copies
+    assert records["python-h100"]["tokens_per_s"] < records["device-h100"]["tokens_per_s"] \
+        < records["ideal"]["tokens_per_s"]
     assert records["python-h100"]["link_utilisation"] < records["ideal"]["link_utilisation"]
+
+
+def test_cli_refuses_prefetch_with_the_device_pager(traces_dir):
+    trace = traces_dir / "qwen1.5-moe-a2.7b_fiddler-usage.npz"
+    with pytest.raises(ConfigError, match="which the device-h100 pager never does"):
+        run_cli(["--trace", str(trace), "--policy", "lru", "--pager", "device-h100", "--predictor", "frequency"])
+
+
+def test_the_device_pager_profile_adds_its_kernel_time_and_copy_efficiency():
+    model, gpu, link = model_shape("qwen3-30b-a3b"), GPUS["h100"], HOST_LINKS["dram"]
+    ideal, device = decode_cost(model, gpu, link), decode_cost(model, gpu, link, PAGERS["device-h100"])
+    assert device.compute_fixed_us == pytest.approx(ideal.compute_fixed_us + 18.9)
+    assert device.link.bandwidth_gbps == pytest.approx(0.95 * ideal.link.bandwidth_gbps)
+    assert device.host == ideal.host and device.compute_per_expert_us == ideal.compute_per_expert_us
 
 
 def test_cli_prints_a_capacity_table(capsys):

@@ -32,13 +32,13 @@ from tiermem.simulate.engine import CacheLifetime, SimConfig, SimResult, simulat
 from tiermem.simulate.models import (
     GPUS,
     HOST_LINKS,
-    HOST_PAGERS,
     MODELS,
+    PAGERS,
     gpu_profile,
     host_link,
-    host_pager,
     model_for_trace,
     model_shape,
+    pager_profile,
 )
 from tiermem.simulate.result import combine
 from tiermem.simulate.trace import SimTrace, load_trace, select_sequences
@@ -84,9 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU profile for compute time")
     parser.add_argument("--host-tier", choices=sorted(HOST_LINKS), default="dram",
                         help="where the experts live; picks the declared link profile")
-    parser.add_argument("--host-pager", choices=sorted(HOST_PAGERS), default="ideal",
-                        help="host time of the pager per layer: ideal (never behind the GPU) or python-h100 "
-                             "(tiermem's Python pager as measured at batch 1 on the lent H100's host)")
+    parser.add_argument("--pager", "--host-pager", dest="pager", choices=sorted(PAGERS), default="ideal",
+                        help="what paging costs per layer: ideal (a host never behind the GPU), python-h100 "
+                             "(tiermem's host pager, its host time as measured at batch 1 on the lent H100's host) "
+                             "or device-h100 (tiermem's device pager: no host in the loop, its paging kernel's GPU "
+                             "time and its copy kernel's share of the link as measured there; no prefetch)")
     parser.add_argument("--bandwidth-gbps", type=float, help="override the host link bandwidth (GB/s)")
     parser.add_argument("--latency-us", type=float, help="override the host link latency per copy (us)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result instead of tables")
@@ -109,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
     if args.trace:
         trace = load_trace(args.trace)
         model = model_shape(args.model) if args.model else model_for_trace(trace.num_experts, trace.top_k)
-        cost = decode_cost(model, gpu, link, host_pager(args.host_pager)) if model is not None else None
+        pager = pager_profile(args.pager)
+        if args.predictor and not pager.prefetches:
+            raise ConfigError(f"simulate: --predictor adds prefetch, which the {args.pager} pager never does; drop "
+                              "--predictor (compare its lru and lfu) or use --pager ideal or python-h100")
+        cost = decode_cost(model, gpu, link, pager) if model is not None else None
         folds = cross_fitted(args.trace, trace, args.predictor) if args.predictor else [(trace, None)]
         results = replay(folds, replay_configs(args), cost)
         if args.json:
@@ -126,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_capacity(
             model, gpu=gpu, host_tier=args.host_tier, link=link, hbm_bytes=hbm_bytes,
             reserve_bytes=int(args.reserve_gib * GIB), batch_size=batch, policies=args.policy,
-            decode_steps=args.steps, host=host_pager(args.host_pager),
+            decode_steps=args.steps, pager=pager_profile(args.pager),
         )
         if args.json:
             for result in plan.results:

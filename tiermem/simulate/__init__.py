@@ -6,7 +6,7 @@
 - ``config``, ``engine``, ``result``: ``simulate(trace, SimConfig, predictor=..., cost=...) -> SimResult``;
   ``combine`` adds up results of disjoint sequence sets (cross-fitted folds).
 - ``cost``: the link / compute / host timeline (``CostModel``, ``HostCost``, ``Timing``).
-- ``models``: real model shapes, GPU, host-link and host-pager profiles; ``capacity``: ``plan_capacity``.
+- ``models``: real model shapes, GPU, host-link and pager profiles; ``capacity``: ``plan_capacity``.
 
 A new policy to compare goes in ``tiermem.residency.policies``; a new predictor implements
 ``tiermem.predict.base.Predictor`` and is passed to ``simulate``; nothing here needs changing.
@@ -16,13 +16,44 @@ from tiermem.simulate.capacity import CapacityPlan, decode_cost, expert_budget, 
 from tiermem.simulate.config import CacheLifetime, SimConfig
 from tiermem.simulate.cost import CostModel, HostCost, Timing
 from tiermem.simulate.engine import simulate
-from tiermem.simulate.models import GPUS, HOST_LINKS, HOST_PAGERS, MODELS, GpuProfile, ModelShape, model_shape
+from tiermem.simulate.models import (
+    GPUS,
+    HOST_LINKS,
+    MODELS,
+    PAGERS,
+    GpuProfile,
+    ModelShape,
+    PagerProfile,
+    model_shape,
+)
 from tiermem.simulate.result import LayerStats, SimResult, combine
 from tiermem.simulate.trace import SimTrace, load_trace, mask_incomplete_layers, select_sequences, synthetic_trace
 
 __all__ = [
-    "GPUS", "HOST_LINKS", "HOST_PAGERS", "MODELS", "CacheLifetime", "CapacityPlan", "CostModel", "GpuProfile",
-    "HostCost", "LayerStats",
-    "ModelShape", "SimConfig", "SimResult", "SimTrace", "Timing", "combine", "decode_cost", "expert_budget",
-    "load_trace", "mask_incomplete_layers", "model_shape", "plan_capacity", "select_sequences", "simulate", "synthetic_trace",
+    "GPUS",
+    "HOST_LINKS",
+    "MODELS",
+    "PAGERS",
+    "CacheLifetime",
+    "CapacityPlan",
+    "CostModel",
+    "GpuProfile",
+    "HostCost",
+    "LayerStats",
+    "ModelShape",
+    "PagerProfile",
+    "SimConfig",
+    "SimResult",
+    "SimTrace",
+    "Timing",
+    "combine",
+    "decode_cost",
+    "expert_budget",
+    "load_trace",
+    "mask_incomplete_layers",
+    "model_shape",
+    "plan_capacity",
+    "select_sequences",
+    "simulate",
+    "synthetic_trace",
 ]

@@ -9,6 +9,7 @@ its dense share and every distinct expert it uses once from HBM.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,9 +18,9 @@ from tiermem.config import format_bytes
 from tiermem.errors import CapacityError, ConfigError
 from tiermem.residency.slots import slots_for_budget
 from tiermem.simulate.config import CacheLifetime, SimConfig
-from tiermem.simulate.cost import CostModel, HostCost
+from tiermem.simulate.cost import CostModel
 from tiermem.simulate.engine import simulate
-from tiermem.simulate.models import GpuProfile, ModelShape
+from tiermem.simulate.models import GpuProfile, ModelShape, PagerProfile
 from tiermem.simulate.result import SimResult
 from tiermem.simulate.trace import SimTrace, synthetic_trace
 from tiermem.types import LinkProfile
@@ -28,15 +29,21 @@ TARGET_DEMANDS = 20_000  # (step, layer, expert) demands to simulate: enough for
 MIN_DECODE_STEPS, MAX_DECODE_STEPS = 8, 64
 
 
-def decode_cost(model: ModelShape, gpu: GpuProfile, link: LinkProfile, host: HostCost | None = None) -> CostModel:
-    """Memory-bound decode cost per MoE layer: its share of the dense weights, plus each expert it uses; ``host``
-    the pager's host time (``HOST_PAGERS``; default a host that keeps ahead of the GPU)."""
+def decode_cost(model: ModelShape, gpu: GpuProfile, link: LinkProfile,
+                pager: PagerProfile | None = None) -> CostModel:
+    """Memory-bound decode cost per MoE layer: its share of the dense weights, plus each expert it uses; ``pager``
+    what paging adds (``PAGERS``; default a host that keeps ahead of the GPU and copies at the link's speed): its
+    host time, its GPU time per layer (counted with the layer's fixed compute: a device pager's layer pages, copies
+    and computes in sequence on one stream, so only the sum matters), and its copies' share of the link's
+    bandwidth."""
+    pager = pager or PagerProfile()
     return CostModel(
-        link=link,
+        link=dataclasses.replace(link, bandwidth_gbps=link.bandwidth_gbps * pager.copy_efficiency)
+        if pager.copy_efficiency != 1.0 else link,
         expert_bytes=model.expert_bytes,
-        compute_fixed_us=gpu.read_us(model.dense_bytes / model.num_moe_layers),
+        compute_fixed_us=gpu.read_us(model.dense_bytes / model.num_moe_layers) + pager.gpu_page_us,
         compute_per_expert_us=gpu.read_us(model.expert_bytes),
-        host=host or HostCost(),
+        host=pager.host,
     )
 
 
@@ -91,7 +98,7 @@ def expert_budget(model: ModelShape, hbm_bytes: int, reserve_bytes: int) -> int:
 def plan_capacity(
     model: ModelShape, *, gpu: GpuProfile, host_tier: str, link: LinkProfile, hbm_bytes: int, reserve_bytes: int,
     batch_size: int, policies: Sequence[str], decode_steps: int | None = None, seed: int = 0,
-    trace: SimTrace | None = None, host: HostCost | None = None,
+    trace: SimTrace | None = None, pager: PagerProfile | None = None,
 ) -> CapacityPlan:
     """Size the expert pool for ``hbm_bytes`` and simulate each policy at ``batch_size``.
 
@@ -117,7 +124,7 @@ def plan_capacity(
             f"simulate: trace {trace.model!r} routes top-{trace.top_k} of {trace.num_experts} experts, but "
             f"{model.name} routes top-{model.top_k} of {model.num_experts}; use a trace of this model"
         )
-    cost = decode_cost(model, gpu, link, host)
+    cost = decode_cost(model, gpu, link, pager)
     results = tuple(
         simulate(trace, SimConfig(
             policy=policy, resident_fraction=slots / model.num_experts, batch_size=batch_size,

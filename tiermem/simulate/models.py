@@ -99,15 +99,31 @@ HOST_LINKS: dict[str, LinkProfile] = {
 }
 
 
-# The host's side of paging, per traced layer (``HostCost``). ideal: a host that keeps ahead of the GPU
-# (the link and compute clocks alone). python-h100: tiermem's Python pager as measured on the lent H100's
-# host at batch 1 (bench/results/h100/host-diet/phases-fine.jsonl, Qwen3 shape on the Qwen trace, 50%
-# resident, at commit bc00840): LRU spends 351 us per layer off the GPU wait, 115 of them on its 1.88 misses;
-# tiermem's prediction and plan take 161 us per layer and each prefetched object ~45 us. The host's speed
-# varied up to 1.6x between calls; this was a fast call.
-HOST_PAGERS: dict[str, HostCost] = {
-    "ideal": HostCost(),
-    "python-h100": HostCost(layer_us=236.0, miss_us=61.0, prefetch_layer_us=161.0, prefetch_object_us=45.0),
+@dataclass(frozen=True)
+class PagerProfile:
+    """What paging costs per traced layer besides the copies' link time: the pager's host time, the GPU time it
+    spends deciding, and the share of the link's bandwidth its copies reach; and whether it can prefetch."""
+
+    host: HostCost = HostCost()
+    gpu_page_us: float = 0.0  # GPU time per layer spent deciding residency, before the layer's copies
+    copy_efficiency: float = 1.0  # its copies' bandwidth / the link's (copy engines: 1)
+    prefetches: bool = True
+
+
+# ideal: a host that keeps ahead of the GPU (the link and compute clocks alone). python-h100: tiermem's
+# Python pager as measured on the lent H100's host at batch 1 (bench/results/h100/host-diet/
+# phases-fine.jsonl, Qwen3 shape on the Qwen trace, 50% resident, at commit bc00840): LRU spends 351 us per
+# layer off the GPU wait, 115 of them on its 1.88 misses; tiermem's prediction and plan take 161 us per layer
+# and each prefetched object ~45 us. The host's speed varied up to 1.6x between calls; this was a fast call.
+# device-h100: tiermem's device pager (OffloadConfig(pager="device")), measured on the lent H100
+# (bench/results/h100/sglang-device/kernels/): no host time in the loop; a layer's paging kernel takes
+# 18.9 us of GPU time and its copy kernel moves 50.2 GB/s where the copy engines move 52.9 (0.95); it
+# never prefetches.
+PAGERS: dict[str, PagerProfile] = {
+    "ideal": PagerProfile(),
+    "python-h100": PagerProfile(HostCost(layer_us=236.0, miss_us=61.0, prefetch_layer_us=161.0,
+                                         prefetch_object_us=45.0)),
+    "device-h100": PagerProfile(gpu_page_us=18.9, copy_efficiency=0.95, prefetches=False),
 }
 
 
@@ -125,8 +141,8 @@ def host_link(name: str) -> LinkProfile:
         raise ConfigError(f"simulate: unknown host tier {name!r}; known: {sorted(HOST_LINKS)}") from None
 
 
-def host_pager(name: str) -> HostCost:
+def pager_profile(name: str) -> PagerProfile:
     try:
-        return HOST_PAGERS[name.lower()]
+        return PAGERS[name.lower()]
     except KeyError:
-        raise ConfigError(f"simulate: unknown host pager profile {name!r}; known: {sorted(HOST_PAGERS)}") from None
+        raise ConfigError(f"simulate: unknown pager profile {name!r}; known: {sorted(PAGERS)}") from None
