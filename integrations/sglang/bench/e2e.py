@@ -45,6 +45,7 @@ from tiermem.predict.trace import save_trace
 PORT = 31000
 REQUEST_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 20
+PHASES = ("hbm", "tiermem", "device", "paged", "predictor")  # each also as NAME+graph
 COMMON = ["--skip-tokenizer-init", "--attention-backend", "triton", "--sampling-backend", "pytorch",
           "--cuda-graph-backend-prefill", "disabled", "--disable-radix-cache", "--mem-fraction-static", "0.5",
           "--context-length", "2048",
@@ -57,7 +58,7 @@ def phase_flags(phase: str, slots: int, top_k: int, trace: Path) -> list[str]:
     every graph phase): full graphs, except the host pager's breakable ones (it pages in an eager break)."""
     name, graph = phase.removesuffix("+graph"), phase.endswith("+graph")
     tiered = ["--expert-tier", "cxl", "--expert-tier-slots", str(slots)]
-    flags = {
+    flags = {  # PHASES names these keys
         "hbm": [],
         "tiermem": [*tiered, "--expert-tier-pager", "host"],
         "device": [*tiered, "--expert-tier-pager", "device"],
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--slots", type=int, default=32)
-    parser.add_argument("--phases", default="hbm,tiermem,paged,predictor")
+    parser.add_argument("--phases", default="hbm,device,paged,tiermem",
+                        help="comma-separated: hbm, device, tiermem, paged, predictor, each optionally NAME+graph")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -158,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect-trace", action="store_true",
                         help="collect the routing trace in hbm even without a predictor phase (for a later call)")
     args = parser.parse_args(argv)
+    phases = args.phases.split(",")
+    unknown = [p for p in phases if p.removesuffix("+graph") not in PHASES]
+    if unknown:
+        parser.error(f"unknown phase(s) {unknown}; known: {', '.join(PHASES)}, each optionally NAME+graph")
     args.out.mkdir(parents=True, exist_ok=True)
     # A time limit's SIGTERM unwinds like an exception, so the running phase still stops its server
     # (started in its own session, it would outlive this process and hold the GPU).
@@ -170,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"model": config, "slots": args.slots, "requests": args.requests,
                      "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "phases": {}}
-    phases = args.phases.split(",")
     reference = graph_reference = None  # outputs of hbm, and of hbm+graph (graph phases compare with both)
     if "hbm" not in phases and args.reference is not None:
         earlier = json.loads(args.reference.read_text())

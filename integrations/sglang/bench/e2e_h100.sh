@@ -3,13 +3,14 @@
 # repository root, with bench/fetch_wheels.sh's folder .whl/p1 carried (one call; see README.md). Installs
 # sglang 0.5.23 + sglang-kernel 0.4.5 (stripped) and tiermem + tiermem-sglang into /tmp/site, checks the
 # kernels against torch (kernel_smoke.py), writes a random-weight Qwen3-MoE checkpoint, then serves it
-# all-HBM, with --expert-tier cxl, and with SGLang's --enable-paged-experts at the same K (e2e.py), and
-# writes $OUT/e2e.json, $OUT/e2e.log and the server logs.
+# all-HBM, with --expert-tier cxl (device pager, host pager), and with SGLang's --enable-paged-experts at the
+# same K (e2e.py: phases, and NAME+graph for decode in CUDA graphs), and writes $OUT/e2e.json, $OUT/e2e.log and
+# the server logs.
 #
 # Idempotent on a warm machine: the install and the checkpoint are reused when their inputs are unchanged,
 # so a second call spends its time on serving. A later call that skips hbm compares against an earlier
 # call's results carried in .whl/ref (REFERENCE=.whl/ref/e2e.json TRACE=.whl/ref/trace.npz).
-# Knobs (environment): PHASES (default hbm,tiermem,paged,predictor), SLOTS (K, 32), LAYERS (6), EXPERTS (128),
+# Knobs (environment): PHASES (default hbm,device,paged,tiermem; also predictor, and any NAME+graph), SLOTS (K, 32), LAYERS (6), EXPERTS (128),
 # REQUESTS (64), CONCURRENCY (16), NEW_TOKENS (64), REFERENCE, TRACE, COLLECT_TRACE (1: hbm records the routing
 # trace for a later call's predictor phase), BUDGET_S (570: the serving part stops by then, so the logs still
 # come back inside a 600 s call).
@@ -66,7 +67,7 @@ set +e
   [[ -n ${COLLECT_TRACE:-} ]] && reference+=(--collect-trace)
   timeout --kill-after=30 "$left_s" \
     python3 integrations/sglang/bench/e2e.py "$model" "$OUT" --slots "${SLOTS:-32}" \
-    --phases "${PHASES:-hbm,tiermem,paged,predictor}" --requests "${REQUESTS:-64}" \
+    --phases "${PHASES:-hbm,device,paged,tiermem}" --requests "${REQUESTS:-64}" \
     --concurrency "${CONCURRENCY:-16}" --new-tokens "${NEW_TOKENS:-64}" "${reference[@]}"
 } 2>&1 | tee "$OUT/e2e.log"
 status=${PIPESTATUS[0]}
