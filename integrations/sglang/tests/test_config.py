@@ -34,9 +34,11 @@ def test_the_device_pager_is_the_default_unless_a_predictor_asks_for_prefetch():
     assert config_from_namespace(parse(*offload)).pager is ExpertPager.DEVICE
     assert config_from_namespace(parse(*offload, "--expert-tier-predictor", "/t.npz")).pager is ExpertPager.HOST
     assert config_from_namespace(parse(*offload, "--expert-tier-pager", "host")).pager is ExpertPager.HOST
-    with pytest.raises(ConfigError, match="drop one of --expert-tier-predictor and --expert-tier-pager device"):
-        config_from_namespace(parse("--expert-tier", "cxl", "--expert-tier-slots", "16", "--expert-tier-pager",
-                                    "device", "--expert-tier-predictor", "/t.npz"))
+    with_trace = config_from_namespace(parse(*offload, "--expert-tier-pager", "device", "--expert-tier-predictor",
+                                             "/t.npz"))
+    assert with_trace.pager is ExpertPager.DEVICE  # it evicts by the trace's step table
+    with pytest.raises(ConfigError, match="a learned predictor .* add --expert-tier-pager host"):
+        config_from_namespace(parse(*offload, "--expert-tier-pager", "device", "--expert-tier-predictor", "/p.pt"))
     with pytest.raises(SystemExit):
         parse("--expert-tier-pager", "gpu")
 

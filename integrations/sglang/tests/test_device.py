@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import HIDDEN, NUM_EXPERTS, REGISTERED_CXL, TOP_K, expert_weights, filled_store, slot_tensors
@@ -75,6 +76,20 @@ def test_a_large_step_is_planned_in_waves_of_at_most_k_resident_experts_first(pa
     stats = pager.stats
     assert (stats.steps, stats.waves) == (1, 2) and stats.hits + stats.misses == 6
     assert [w.tolist() for w in pager.plan(torch.full((2, TOP_K), -1))] == [[]]  # all padding: one empty wave
+
+
+def test_the_predicted_policy_keeps_the_experts_the_step_table_expects_next(manager, experts):
+    pager = DeviceLayerPager(store=filled_store(manager, experts, LAYER), layer=LAYER,
+                             slots=slot_tensors(NUM_SLOTS), policy="predicted")
+    pager.fill()  # experts 0..3, used together: LRU would evict the lowest slot, expert 0
+    table = np.zeros((NUM_EXPERTS, NUM_EXPERTS), dtype=np.float32)
+    table[5, 0] = 0.9  # after expert 5, expert 0 comes next
+    pager.set_step_table(table)
+    pager.place_all(torch.tensor([[5]]))
+    assert pager.resident_experts() == {0, 2, 3, 5}  # expert 1 made way, not expert 0
+    with pytest.raises(ConfigError, match=r"step table is \[4, 4\]; its 8 experts need \[8, 8\]"):
+        pager.set_step_table(np.zeros((4, 4), dtype=np.float32))
+    pager.store.close()
 
 
 def test_slot_tensors_must_match_the_home_layout(manager, experts):

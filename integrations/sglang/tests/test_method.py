@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import HIDDEN, INTERMEDIATE, NUM_EXPERTS, TOP_K, entry_outputs, expert_weights, reference_moe
@@ -24,6 +25,7 @@ from sglang.srt.layers.moe.token_dispatcher import StandardDispatchOutput
 from sglang.srt.layers.moe.topk import StandardTopKOutput
 from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 from tiermem.errors import ConfigError
+from tiermem.predict.trace import RouteTrace, save_trace
 
 from tiermem_sglang.config import ExpertPager, ExpertTier, ExpertTierConfig
 from tiermem_sglang.method import TieredMoEMethod
@@ -146,27 +148,44 @@ def test_tiered_layer_output_equals_the_unpaged_reference_bit_for_bit(tier_confi
     assert method.pager.stats.steps == 4 and method.pager.stats.waves >= 4
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_decode_steps_that_fit_the_slots_are_one_wave_and_equal_the_reference(tier_config, seed):
-    experts = expert_weights()
-    layer, method = loaded_layer(tier_config, experts)
+def decode_exactly(layer, method, experts, seed: int, steps: int, after=lambda topk_ids: True) -> None:
+    """Single-token decode steps of random routing, each equal to the unpaged reference (and ``after`` true)."""
     generator = torch.Generator().manual_seed(seed)
-    distinct = 0
-    for step in range(12):
+    for step in range(steps):
         hidden = torch.randn(1, HIDDEN, generator=generator)
         topk_ids = torch.randperm(NUM_EXPERTS, generator=generator)[:TOP_K].unsqueeze(0)
         topk_weights = torch.rand(1, TOP_K, generator=generator)
         got = method.apply(layer, dispatch(hidden, topk_ids, topk_weights)).hidden_states
         assert torch.equal(got, reference_moe(hidden, topk_ids, topk_weights, experts)), f"step {step}"
-        assert set(topk_ids.tolist()[0]) <= method.pager.resident_experts()
-        distinct += TOP_K
+        assert after(topk_ids), f"step {step}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_steps_that_fit_the_slots_are_one_wave_and_equal_the_reference(tier_config, seed):
+    experts = expert_weights()
+    layer, method = loaded_layer(tier_config, experts)
+    decode_exactly(layer, method, experts, seed, steps=12,
+                   after=lambda topk_ids: set(topk_ids.tolist()[0]) <= method.pager.resident_experts())
     stats = method.pager.stats
     assert (stats.steps, stats.waves) == (12, 12)
-    assert stats.hits + stats.misses == distinct and 0 < stats.misses < distinct
+    assert stats.hits + stats.misses == 12 * TOP_K and 0 < stats.misses < 12 * TOP_K
     for expert in method.pager.resident_experts():  # the slots hold the home bytes of what the pager says they do
         slot = method.pager.slot_of(expert)
         assert torch.equal(layer.w13_weight.data[slot], experts[expert]["gate_up"])
         assert torch.equal(layer.w2_weight.data[slot], experts[expert]["down"])
+
+
+def test_the_device_pager_with_a_trace_evicts_by_its_step_table_and_stays_exact(tier_config, tmp_path):
+    rng = np.random.default_rng(4)
+    tokens = 64
+    routes = np.stack([rng.choice(NUM_EXPERTS, TOP_K, replace=False) for _ in range(tokens)])[:, None, :]
+    save_trace(RouteTrace(experts=routes, seq_id=np.repeat(np.arange(8), 8), pos=np.tile(np.arange(8), 8),
+                          phase=np.ones(tokens, dtype=np.int64), num_experts=NUM_EXPERTS), tmp_path / "trace.npz")
+    config = dataclasses.replace(tier_config, pager=ExpertPager.DEVICE, predictor_path=str(tmp_path / "trace.npz"))
+    experts = expert_weights()
+    layer, method = loaded_layer(config, experts)
+    assert method.pager.pager.policy == "predicted" and bool(method.pager.pager.scores.any())
+    decode_exactly(layer, method, experts, seed=2, steps=10)
 
 
 def test_padded_routing_entries_contribute_nothing(tier_config):

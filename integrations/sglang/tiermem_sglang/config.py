@@ -37,7 +37,7 @@ class ExpertTier(str, enum.Enum):
 class ExpertPager(str, enum.Enum):
     """Who decides which experts sit in the HBM slots at each step."""
 
-    DEVICE = "device"  # tiermem's device pager on the GPU (no host sync; full decode CUDA graphs; LRU)
+    DEVICE = "device"  # tiermem's device pager on the GPU (no host sync; full decode CUDA graphs; LRU or step table)
     HOST = "host"  # tiermem's planner on the host (reads the routing back; prefetch; breakable or no graphs)
 
 
@@ -59,8 +59,9 @@ class ExpertTierConfig:
         None, help="Fraction of each layer's experts that get an HBM slot (--expert-tier-hbm-fraction).")
     pager: ExpertPager = option(
         ExpertPager.DEVICE, help="Who pages the experts (--expert-tier-pager): device (decides and copies on the "
-                                 "GPU, capturable in a full decode CUDA graph) or host (plans on the host; the "
-                                 "one that prefetches from --expert-tier-predictor).")
+                                 "GPU, capturable in a full decode CUDA graph; evicts by a trace's step table "
+                                 "with --expert-tier-predictor) or host (plans on the host; prefetches from "
+                                 "--expert-tier-predictor).")
     predictor_path: str | None = option(
         None, help="Routing trace (.npz) to fit a co-occurrence predictor from, or a learned predictor (.pt).")
     tiermem_config_path: str | None = option(
@@ -78,9 +79,11 @@ class ExpertTierConfig:
             require(not budgets and self.predictor_path is None, self,
                     f"{budgets + (['--expert-tier-predictor'] if self.predictor_path else [])} only apply when "
                     "experts are offloaded; add --expert-tier dram|cxl|rdma or drop them")
-        require(not (self.pager is ExpertPager.DEVICE and self.predictor_path is not None), self,
-                "--expert-tier-predictor prefetches through the host pager; the device pager evicts by LRU and "
-                "never prefetches; drop one of --expert-tier-predictor and --expert-tier-pager device")
+        require(not (self.pager is ExpertPager.DEVICE and self.predictor_path is not None
+                     and not self.predictor_path.endswith(".npz")), self,
+                f"--expert-tier-pager device ranks slots by a routing trace's step table (.npz); "
+                f"{self.predictor_path!r} is not a trace, and a learned predictor (.pt) prefetches through the host "
+                "pager: add --expert-tier-pager host, or give a trace")
         if self.slots is not None:
             require(self.slots >= 1, self, f"--expert-tier-slots must be >= 1, got {self.slots}")
         if self.hbm_fraction is not None:

@@ -3,7 +3,8 @@
 ``LayerPager`` (``pager.py``) reads each step's routing back to the host to plan, so a step that pages
 cannot sit inside a CUDA graph: SGLang runs it as an eager break of a breakable graph, and a full
 graph is refused. This pager keeps the layer's residency in tiermem's ``DevicePager`` (the slot
-tables as GPU tensors, LRU, decided by one Triton program) and copies the missed experts with
+tables as GPU tensors, decided by one Triton program; LRU, or ``predicted``: slots ranked by a
+step table, P(expert next step | experts this step), set with ``set_step_table``) and copies the missed experts with
 tiermem's ``BlockCopier`` (a Triton kernel that reads the pinned host homes over UVA), one copy
 group per slot tensor (SGLang's ``w13_weight`` and ``w2_weight`` rows).
 
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
+from tiermem.errors import ConfigError
 from tiermem.experts.store import ExpertStore
 from tiermem.residency.device_pager import DevicePager
 from tiermem.transfer.uva_copy import BlockCopier
@@ -37,9 +40,10 @@ from tiermem_sglang.pager import PagerStats, check_slots
 class DeviceLayerPager:
     """Residency (on the device) and copies for the K HBM slots of MoE layer ``layer``."""
 
-    def __init__(self, *, store: ExpertStore, layer: int, slots: Mapping[str, torch.Tensor],
+    def __init__(self, *, store: ExpertStore, layer: int, slots: Mapping[str, torch.Tensor], policy: str = "lru",
                  kernel: bool | None = None) -> None:
-        """``kernel``: decide and copy with the Triton kernels (default: where the slots are on a GPU)."""
+        """``policy``: ``lru`` or ``predicted`` (give the table with ``set_step_table``; until then it ranks as LRU).
+        ``kernel``: decide and copy with the Triton kernels (default: where the slots are on a GPU)."""
         self.store = store
         self.layer = layer
         self.slots = dict(slots)
@@ -47,7 +51,7 @@ class DeviceLayerPager:
         self.num_experts = store.num_experts
         names = store.layout.names
         self.pager = DevicePager(num_groups=1, slots_per_group=self.num_slots, objects_per_group=self.num_experts,
-                                 device=self.device, policy="lru", kernel=kernel)
+                                 device=self.device, policy=policy, kernel=kernel)
         homes = [[store.read(layer, expert)[name] for expert in range(self.num_experts)] for name in names]
         rows = [self.slots[name].view(self.num_slots, -1).view(torch.uint8) for name in names]
         self.copier = BlockCopier(homes, rows, kernel=kernel)
@@ -66,6 +70,15 @@ class DeviceLayerPager:
         waves = int(self.pager.clock) - self._first_wave
         return PagerStats(steps=waves - self._extra_waves, waves=waves, hits=needed - misses, misses=misses,
                           bytes_loaded=misses * self.store.layout.payload_bytes)
+
+    def set_step_table(self, table: np.ndarray) -> None:
+        """The predicted policy's table ``[E, E]``: ``table[i, j]``, the chance that expert ``j`` is routed at the
+        next step when ``i`` is at this one (a co-occurrence predictor's ``step`` for this layer)."""
+        expected = (self.num_experts, self.num_experts)
+        if tuple(table.shape) != expected:
+            raise ConfigError(f"tiermem-sglang: layer {self.layer}'s step table is {list(table.shape)}; its "
+                              f"{self.num_experts} experts need {list(expected)}: a trace of this model")
+        self.pager.set_scores(torch.as_tensor(np.asarray(table, dtype=np.float32))[None])
 
     def resident_experts(self) -> set[int]:
         """Experts in a slot (their copy queued); reads the device."""

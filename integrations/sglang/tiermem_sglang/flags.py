@@ -51,13 +51,15 @@ def add_flags(result: Any, parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--expert-tier-pager", choices=[p.value for p in ExpertPager], default=None,
         help="Who pages experts into the slots: device (decides and copies on the GPU without a host sync, so "
-             "decode runs in full CUDA graphs up to K // top-k requests; LRU) or host (plans on the host and "
-             "prefetches with --expert-tier-predictor; decode graphs breakable or disabled). Default: device, or "
-             "host when --expert-tier-predictor is given.")
+             "decode runs in full CUDA graphs up to K // top-k requests; LRU, or with --expert-tier-predictor "
+             "TRACE.npz eviction by the trace's step table) or host (plans on the host and prefetches with "
+             "--expert-tier-predictor; decode graphs breakable or disabled). Default: device, or host when "
+             "--expert-tier-predictor is given.")
     group.add_argument(
         "--expert-tier-predictor", default=None, metavar="PATH",
-        help="Prefetch with a route predictor: a tiermem routing trace (.npz, e.g. from `python -m "
-             "tiermem_sglang.collect`) to fit a co-occurrence predictor from, or a learned predictor (.pt).")
+        help="Route predictor: a tiermem routing trace (.npz, e.g. from `python -m tiermem_sglang.collect`) to fit "
+             "a co-occurrence predictor from, or a learned predictor (.pt). The host pager prefetches with it; the "
+             "device pager evicts by the trace's step table.")
     group.add_argument(
         "--expert-tier-config", default=None, metavar="PATH",
         help="tiermem TOML naming the tiers ([[tiers]]) and transfer settings; default: this host's layout.")

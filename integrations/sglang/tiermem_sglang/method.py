@@ -142,7 +142,8 @@ class TieredMoEMethod(FusedMoEMethodBase, torch.nn.Module):
     def process_weights_after_loading(self, layer):
         slots = {part: getattr(layer, name).data for name, part in PARTS.items()}
         if self.config.pager is ExpertPager.DEVICE:
-            self.pager = DeviceLayerPager(store=self.store, layer=layer.layer_id, slots=slots)
+            policy = "lru" if self.runtime.predictor is None else "predicted"
+            self.pager = DeviceLayerPager(store=self.store, layer=layer.layer_id, slots=slots, policy=policy)
         else:
             self.pager = LayerPager(manager=self.runtime.manager, store=self.store, layer=layer.layer_id, slots=slots)
         self.pager.fill()

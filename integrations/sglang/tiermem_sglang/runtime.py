@@ -5,7 +5,7 @@ so the runtime is created with the first and found again by the others through `
 It owns the ``TierManager`` (from ``--expert-tier-config``, or this host's default layout with the
 chosen tier sized for the model's experts), one ``ExpertStore`` and one ``LayerPager`` per layer, and,
 with ``--expert-tier-predictor``, a ``RoutePrefetcher`` that turns each layer's routing into copies
-for the next layer.
+for the next layer (host pager) or each layer's step table for predicted eviction (device pager).
 
 Invariants: one runtime per process and config; a layer registers once; ``close()`` drains every
 copy, frees every home and closes the manager, once.
@@ -32,6 +32,7 @@ from tiermem.predict.learned import LearnedPredictor
 from tiermem.predict.trace import load_trace
 
 from tiermem_sglang.config import ExpertTierConfig
+from tiermem_sglang.device import DeviceLayerPager
 from tiermem_sglang.pager import LayerPager
 
 log = logging.getLogger("tiermem.sglang")
@@ -122,9 +123,23 @@ class TierRuntime:
         self.stores[layer] = store
         return store
 
-    def add_pager(self, pager: LayerPager, *, top_k: int) -> None:
+    def add_pager(self, pager: LayerPager | DeviceLayerPager, *, top_k: int) -> None:
+        """Register a layer's pager (layers register in model order). With a predictor, a host pager's layer gets
+        prefetches from the previous layer's routing, and a device pager's layer its step table for eviction."""
+        position = len(self.pagers)
         self.pagers[pager.layer] = pager
-        if self.predictor is not None and self.prefetcher is None:
+        if self.predictor is None:
+            return
+        if isinstance(pager, DeviceLayerPager):
+            steps = getattr(self.predictor, "step", None)
+            if steps is None or position >= len(steps):
+                raise ConfigError(
+                    f"tiermem-sglang: tiered MoE layer {position} (layer id {pager.layer}) has no step table in "
+                    f"--expert-tier-predictor {self.config.predictor_path!r} "
+                    f"({'none' if steps is None else f'{len(steps)} MoE layers'}); use a trace of this model"
+                )
+            pager.set_step_table(steps[position])
+        elif self.prefetcher is None:
             self.prefetcher = RoutePrefetcher(self.predictor, num_experts=pager.store.num_experts, top_k=top_k)
 
     def after_routing(self, layer: int, topk_ids: torch.Tensor) -> int:
