@@ -2,8 +2,9 @@
 at the same HBM budget (K slots per layer), in one run; same requests, greedy; outputs compared with all-HBM.
 
 Phases: ``hbm``, ``tiermem`` (``--expert-tier-pager host``), ``device`` (``--expert-tier-pager device``),
-``paged`` and ``predictor`` (host pager with a predictor), each eager (decode CUDA graphs disabled)
-or, as ``NAME+graph``, with decode CUDA graphs captured up to ``K // top_k`` requests
+``paged``, ``predictor`` (host pager prefetching with a predictor fitted on a trace ``hbm`` collects) and
+``device-predictor`` (device pager evicting by that trace's step table), each eager (decode CUDA graphs
+disabled) or, as ``NAME+graph``, with decode CUDA graphs captured up to ``K // top_k`` requests
 (``phase_flags``); graph phases also compare with ``hbm+graph``.
 
 Each phase starts ``python -m sglang.launch_server`` (plugins load there), waits for it, sends the same
@@ -45,7 +46,8 @@ from tiermem.predict.trace import save_trace
 PORT = 31000
 REQUEST_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 20
-PHASES = ("hbm", "tiermem", "device", "paged", "predictor")  # each also as NAME+graph
+PHASES = ("hbm", "tiermem", "device", "paged", "predictor", "device-predictor")  # each also as NAME+graph
+TRACED = ("predictor", "device-predictor")  # phases that read the routing trace hbm collects
 COMMON = ["--skip-tokenizer-init", "--attention-backend", "triton", "--sampling-backend", "pytorch",
           "--cuda-graph-backend-prefill", "disabled", "--disable-radix-cache", "--mem-fraction-static", "0.5",
           "--context-length", "2048",
@@ -64,6 +66,7 @@ def phase_flags(phase: str, slots: int, top_k: int, trace: Path) -> list[str]:
         "device": [*tiered, "--expert-tier-pager", "device"],
         "paged": ["--enable-paged-experts", "--paged-experts-num-resident", str(slots)],
         "predictor": [*tiered, "--expert-tier-pager", "host", "--expert-tier-predictor", str(trace)],
+        "device-predictor": [*tiered, "--expert-tier-pager", "device", "--expert-tier-predictor", str(trace)],
     }[name]
     if not graph:
         return [*flags, "--cuda-graph-backend-decode", "disabled"]
@@ -183,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
                 config, args.requests, args.prompt_tokens, args.new_tokens):
             parser.error(f"{args.reference} was run on another model or workload; rerun hbm instead")
         reference = earlier["phases"]["hbm"]["outputs"]
-    if "predictor" in phases and "hbm" not in phases and not trace_path.is_file():
-        parser.error(f"the predictor phase needs a routing trace: run hbm first or pass --trace (no {trace_path})")
+    traced = any(p.removesuffix("+graph") in TRACED for p in phases)
+    if traced and "hbm" not in phases and not trace_path.is_file():
+        parser.error(f"the {', '.join(TRACED)} phases need a routing trace: run hbm first or pass --trace "
+                     f"(no {trace_path})")
     for phase in phases:
         log = args.out / f"server-{phase.replace('+', '-')}.log"
-        collect = phase == "hbm" and ("predictor" in phases or args.collect_trace)
+        collect = phase == "hbm" and (traced or args.collect_trace)
         extra = ["--enable-return-routed-experts"] if collect else []
         start_s = time.perf_counter()
         try:
