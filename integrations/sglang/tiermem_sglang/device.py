@@ -4,9 +4,9 @@
 cannot sit inside a CUDA graph: SGLang runs it as an eager break of a breakable graph, and a full
 graph is refused. This pager keeps the layer's residency in tiermem's ``DevicePager`` (the slot
 tables as GPU tensors, decided by one Triton program; LRU, or ``predicted``: slots ranked by a
-step table, P(expert next step | experts this step), set with ``set_step_table``) and copies the missed experts with
-tiermem's ``BlockCopier`` (a Triton kernel that reads the pinned host homes over UVA), one copy
-group per slot tensor (SGLang's ``w13_weight`` and ``w2_weight`` rows).
+step table, P(expert next step | experts this step), set with ``set_step_table``) and copies the
+missed experts with tiermem's ``BlockCopier`` (a Triton kernel that reads the pinned host homes
+over UVA), one copy group per slot tensor (SGLang's ``w13_weight`` and ``w2_weight`` rows).
 
 A step whose routed entries fit the K slots (decode of up to ``K // top_k`` requests) is one wave:
 ``place_all`` queues the paging and the copies with no host sync, so the MoE kernel after them is
