@@ -32,7 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -139,11 +139,7 @@ class DevicePagedLayers:
         experts = top_k_index.reshape(-1)
         objects = torch.where((experts >= 0) & (experts < self.experts_per_layer), experts + first_object, -1)
         wave = self.pager.page(group, objects, top_k_weights.shape[-1])
-        if listed:
-            copies = int(wave.count)
-            self.copier.copy_listed(group, wave.missing[:copies].tolist(), wave.victims[:copies].tolist())
-        else:
-            self.copier.copy(group, wave.missing, wave.victims, wave.count)
+        self.copier.copy(group, wave.missing, wave.victims, wave.count, engines=listed)
         weights = self.weights[group]
         out = pair_buffer(hidden, top_k_weights, weights)
         compute_wave(hidden, top_k_weights, wave.index, experts.numel(), weights, act_fn, out)
@@ -164,13 +160,9 @@ class DevicePagedLayers:
         key = torch.where(need[:count], torch.where(resident, ids, ids + count), 2 * count)
         rank = torch.empty_like(ids).scatter_(0, torch.argsort(key), ids)
         wave_of_pair = torch.where(valid, rank[objects.clamp(max=count - 1)] // slots, -1)
-        out = pair_buffer(hidden, top_k_weights, self.weights[group])
-        for wave in range(-(-min(experts.numel(), self.experts_per_layer) // slots)):
-            member = wave_of_pair == wave
-            rows = self._pair_rows(group, first_object, hidden, torch.where(member, experts, -1).view_as(top_k_index),
-                                   top_k_weights, act_fn)
-            out = torch.where(member.unsqueeze(-1), rows, out)
-        return out
+        waves = -(-min(experts.numel(), self.experts_per_layer) // slots)
+        return self._merge_waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn,
+                                 (wave_of_pair == wave for wave in range(waves)), listed=False)
 
     def _waves(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -182,11 +174,20 @@ class DevicePagedLayers:
         on_host = experts.cpu()
         distinct = torch.unique(on_host[(on_host >= 0) & (on_host < self.experts_per_layer)])
         resident = self.pager.object_slot[group, (distinct + first_object).to(self.pager.device)].cpu() >= 0
+        chunks = torch.cat([distinct[resident], distinct[~resident]]).split(self.pager.slots_per_group)
+        return self._merge_waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn,
+                                 (torch.isin(experts, chunk.to(experts.device)) for chunk in chunks), listed=True)
+
+    def _merge_waves(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor],
+                     members: Iterable[torch.Tensor], *, listed: bool) -> torch.Tensor:
+        """Run one wave per mask of ``members`` (``[T * K]``: the pairs of that wave) and merge each pair's row from
+        its own wave; ``listed``: copy each wave on the copy engines (``_pair_rows``)."""
+        experts = top_k_index.reshape(-1)
         out = pair_buffer(hidden, top_k_weights, self.weights[group])
-        for chunk in torch.cat([distinct[resident], distinct[~resident]]).split(self.pager.slots_per_group):
-            member = torch.isin(experts, chunk.to(experts.device))
+        for member in members:
             rows = self._pair_rows(group, first_object, hidden, torch.where(member, experts, -1).view_as(top_k_index),
-                                   top_k_weights, act_fn, listed=True)
+                                   top_k_weights, act_fn, listed=listed)
             out = torch.where(member.unsqueeze(-1), rows, out)
         return out
 

@@ -198,7 +198,7 @@ class ExpertRuntime:
         if self._device is not None:
             if self._device.pager.policy == "predicted" and self._predictor.step is not self._scores_from:
                 self._scores_from = self._predictor.step  # a new table (the bench's cross-fitted halves)
-                self._device.pager.set_scores(torch.from_numpy(np.asarray(self._scores_from, dtype=np.float32)))
+                self._device.pager.set_scores(self._scores_from)
             out = self._device.run(self.store.position(layer), hidden, top_k_index.to(hidden.device), top_k_weights,
                                    act_fn)
             phases.lap("device")

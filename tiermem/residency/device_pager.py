@@ -37,6 +37,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tiermem.errors import ConfigError
@@ -142,7 +143,7 @@ class DevicePager:
                         PAIRS=_lanes(num_pairs), SLOTS=_lanes(slots), num_warps=4)
         return PagedWave(pair_slot, missing, victims, count, index)
 
-    def set_scores(self, table: torch.Tensor) -> None:
+    def set_scores(self, table: torch.Tensor | np.ndarray) -> None:
         """The predicted policy's table ``[G, N, N]`` (float, rows of at most 1 each): ``table[g, i, j]`` scores
         object ``j`` of group ``g`` for the next wave when ``i`` is in this one; copied in place, so captured
         waves read the new table."""
@@ -152,7 +153,7 @@ class DevicePager:
         if tuple(table.shape) != expected:
             raise ConfigError(f"device pager: a score table must be {list(expected)} (groups, objects, objects); got "
                               f"{list(table.shape)}")
-        fixed = (table.to(torch.float64).clamp(0.0, 1.0) * SCORE_SCALE).round().to(torch.int64)
+        fixed = (torch.as_tensor(table).to(torch.float64).clamp(0.0, 1.0) * SCORE_SCALE).round().to(torch.int64)
         self.scores.copy_(fixed)
 
     def resident(self, group: int) -> dict[int, int]:

@@ -10,7 +10,7 @@ copies run as tensor copies (tests), reading the count back.
 Invariants: every home is validated once, at construction (contiguous, as long as a row of its
 group's slots, pinned when the slots are on a GPU), and its holder keeps it alive and in place while
 the copier lives; a copy only reads homes and writes the listed slot rows, on the current stream,
-graph-capturable on a GPU (``copy``; ``copy_listed`` takes a list the host has read back).
+graph-capturable on a GPU (unless ``copy(..., engines=True)`` reads the list back).
 """
 
 from __future__ import annotations
@@ -63,21 +63,19 @@ class BlockCopier:
                 if self.device.type == "cuda" else 2
             self._grid = (programs * PROGRAMS_PER_SM,)
 
-    def copy(self, group: int, objects: torch.Tensor, slots: torch.Tensor, count: torch.Tensor) -> None:
-        """Copy home ``objects[i]`` into slot row ``slots[i]`` of ``group`` for ``i < count[0]`` (all on the device)."""
-        if self._addresses is None:
+    def copy(self, group: int, objects: torch.Tensor, slots: torch.Tensor, count: torch.Tensor, *,
+             engines: bool = False) -> None:
+        """Copy home ``objects[i]`` into slot row ``slots[i]`` of ``group`` for ``i < count[0]`` (all on the device).
+        ``engines``: read the list back and copy one block per ``cudaMemcpyAsync`` on the current stream (the copy
+        engines, ~5% faster than the kernel on the H100; a host sync, so not capturable: for waves that have
+        synchronised anyway, a prefill's); without the kernel (a CPU) the copier always does."""
+        if engines or self._addresses is None:
             listed = int(count)
-            self.copy_listed(group, objects[:listed].tolist(), slots[:listed].tolist())
+            for obj, slot in torch.stack([objects[:listed], slots[:listed]]).T.tolist():
+                self.slots[group][slot].copy_(self.homes[group][obj].view(torch.int64), non_blocking=True)
             return
         _kernel()[self._grid](self._addresses[group], objects, slots, count, self.slots[group],
                               self.block_bytes[group] // 8, BLOCK=BLOCK_WORDS, num_warps=NUM_WARPS)
-
-    def copy_listed(self, group: int, objects: Sequence[int], slots: Sequence[int]) -> None:
-        """Copy home ``objects[i]`` into slot row ``slots[i]`` of ``group``, the list on the host: one
-        ``cudaMemcpyAsync`` per block on the current stream (the copy engines, ~5% faster than the kernel on the
-        H100), for waves whose list the host has read back anyway (a prefill's); not capturable."""
-        for obj, slot in zip(objects, slots):
-            self.slots[group][slot].copy_(self.homes[group][obj].view(torch.int64), non_blocking=True)
 
 
 def _check_home(home: torch.Tensor, block_bytes: int, device: torch.device, group: int, index: int) -> None:

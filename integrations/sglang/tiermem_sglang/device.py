@@ -78,7 +78,7 @@ class DeviceLayerPager:
         if tuple(table.shape) != expected:
             raise ConfigError(f"tiermem-sglang: layer {self.layer}'s step table is {list(table.shape)}; its "
                               f"{self.num_experts} experts need {list(expected)}: a trace of this model")
-        self.pager.set_scores(torch.as_tensor(np.asarray(table, dtype=np.float32))[None])
+        self.pager.set_scores(table[None])
 
     def resident_experts(self) -> set[int]:
         """Experts in a slot (their copy queued); reads the device."""
@@ -93,12 +93,12 @@ class DeviceLayerPager:
         self.pager.reset_stats()
         self._first_wave, self._extra_waves = int(self.pager.clock), 0
 
-    def place_all(self, topk_ids: torch.Tensor) -> torch.Tensor:
+    def place_all(self, topk_ids: torch.Tensor, *, engines: bool = False) -> torch.Tensor:
         """Make every routed expert of ``topk_ids`` (at most K entries) resident; returns their slot ids (padding,
-        ``-1``, stays ``-1``). No host sync: capturable."""
+        ``-1``, stays ``-1``). No host sync, so capturable, unless ``engines`` (``BlockCopier.copy``)."""
         wave = self.pager.page(0, topk_ids.reshape(-1), topk_ids.shape[-1])
         for group in range(len(self.copier.slots)):
-            self.copier.copy(group, wave.missing, wave.victims, wave.count)
+            self.copier.copy(group, wave.missing, wave.victims, wave.count, engines=engines)
         return wave.pair_slot.view(topk_ids.shape).to(topk_ids.dtype)
 
     def plan(self, topk_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -116,13 +116,7 @@ class DeviceLayerPager:
         """Make the experts of ``wave`` resident; returns ``topk_ids`` as slot ids, entries outside it masked. The
         host reads the wave's copies back and runs them on the copy engines (this step has synchronised already,
         and they move a large step's experts ~5% faster than the copy kernel)."""
-        masked = torch.where(torch.isin(topk_ids, wave), topk_ids, -1)
-        paged = self.pager.page(0, masked.reshape(-1), topk_ids.shape[-1])
-        copies = int(paged.count)
-        listed = torch.stack([paged.missing[:copies], paged.victims[:copies]]).tolist()
-        for group in range(len(self.copier.slots)):
-            self.copier.copy_listed(group, *listed)
-        return paged.pair_slot.view(topk_ids.shape).to(topk_ids.dtype)
+        return self.place_all(torch.where(torch.isin(topk_ids, wave), topk_ids, -1), engines=True)
 
     def drain(self) -> None:
         """Wait for the queued copies, which read the homes (before the homes are freed)."""
