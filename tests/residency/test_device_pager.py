@@ -122,6 +122,21 @@ def test_a_wave_never_evicts_an_object_it_needs():
     assert _copies(result) == [(4, 2)]
 
 
+def test_a_step_splits_into_waves_of_resident_objects_first_then_by_id():
+    pager = DevicePager(num_groups=1, slots_per_group=3, objects_per_group=9, device="cpu")
+    pager.page(0, torch.tensor([5, 7]), 1)
+    step = torch.tensor([8, 1, 7, -1, 1, 3, 5, 9, 0])  # distinct 0 1 3 5 7 8; -1 and 9 (out of range) dropped
+    wave_of_pair, waves = pager.split_waves(0, step, distinct_max=9)
+    # ranks: 5 7 (resident), then 0 1 3 8 -> waves [5 7 0], [1 3 8]
+    assert wave_of_pair.tolist() == [1, 1, 0, -1, 1, 1, 0, -1, 0]
+    assert waves == 3  # static: ceil(min(9 pairs, 9 objects) / 3); the third wave is empty
+    for wave in range(waves):
+        distinct = set(step[wave_of_pair == wave].tolist())
+        assert len(distinct) <= 3
+        pager.page(0, torch.where(wave_of_pair == wave, step, -1), 1)  # each wave fits: nothing it needs is evicted
+    assert pager.split_waves(0, step[:6], distinct_max=4)[1] == 2  # the bound caps the count: ceil(4 / 3)
+
+
 def test_counters_reset_and_restore_and_forget_empties_a_group():
     pager = DevicePager(num_groups=1, slots_per_group=2, objects_per_group=4, device="cpu")
     pager.page(0, torch.tensor([0, 1]), 1)

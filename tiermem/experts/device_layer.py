@@ -147,20 +147,12 @@ class DevicePagedLayers:
 
     def _device_waves(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """A layer with more routed pairs than its group has slots, in waves decided on the device: its distinct
-        experts ranked resident first, then by id (``_waves``'s order), wave ``w`` taking ranks ``[w S, (w + 1) S)``,
-        over a static ``ceil(min(pairs, experts) / S)`` waves; each pair's weighted output ``[T * K, H]``."""
+        """A layer with more routed pairs than its group has slots, in waves decided on the device
+        (``DevicePager.split_waves``: resident experts first, then by id, as ``_waves`` orders them; a static
+        ``ceil(min(pairs, experts) / S)`` waves); each pair's weighted output ``[T * K, H]``."""
         experts = top_k_index.reshape(-1)
-        slots, count = self.pager.slots_per_group, self.pager.objects_per_group
-        valid = (experts >= 0) & (experts < self.experts_per_layer)
-        objects = torch.where(valid, experts + first_object, count)
-        need = torch.zeros(count + 1, dtype=torch.bool, device=self.pager.device).index_fill_(0, objects, True)
-        ids = torch.arange(count, device=self.pager.device)
-        resident = self.pager.object_slot[group, :count] >= 0
-        key = torch.where(need[:count], torch.where(resident, ids, ids + count), 2 * count)
-        rank = torch.empty_like(ids).scatter_(0, torch.argsort(key), ids)
-        wave_of_pair = torch.where(valid, rank[objects.clamp(max=count - 1)] // slots, -1)
-        waves = -(-min(experts.numel(), self.experts_per_layer) // slots)
+        objects = torch.where((experts >= 0) & (experts < self.experts_per_layer), experts + first_object, -1)
+        wave_of_pair, waves = self.pager.split_waves(group, objects, distinct_max=self.experts_per_layer)
         return self._merge_waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn,
                                  (wave_of_pair == wave for wave in range(waves)), listed=False)
 

@@ -129,6 +129,23 @@ class DevicePager:
         self.loads[group].index_add_(0, torch.where(take, missing, count), torch.ones_like(missing))
         return PagedWave(pair_slot, missing, victims, num_missed.reshape(1), wave_index(pair_slot, top_k, slots))
 
+    def split_waves(self, group: int, objects: torch.Tensor, *, distinct_max: int) -> tuple[torch.Tensor, int]:
+        """Split a step with more pairs than ``group`` has slots into waves that ``page`` can take, decided on the
+        device (no host sync, so capturable): the step's distinct objects ranked resident ones first, then by id,
+        wave ``w`` taking ranks ``[w S, (w + 1) S)``. ``objects`` as for ``page``; ``distinct_max`` bounds the
+        step's distinct objects (e.g. a layer's experts). Returns each pair's wave (``-1``: dropped) and the static
+        wave count ``ceil(min(pairs, distinct_max) / S)``; waves past the step's last are empty."""
+        pairs = objects.reshape(-1).to(device=self.device, dtype=torch.int64)
+        slots, count = self.slots_per_group, self.objects_per_group
+        valid = (pairs >= 0) & (pairs < count)
+        obj = torch.where(valid, pairs, count)
+        need = torch.zeros(count + 1, dtype=torch.bool, device=self.device).index_fill_(0, obj, True)
+        ids = torch.arange(count, device=self.device)
+        key = torch.where(need[:count], torch.where(self.object_slot[group, :count] >= 0, ids, ids + count), 2 * count)
+        rank = torch.empty_like(ids).scatter_(0, torch.argsort(key), ids)
+        wave_of_pair = torch.where(valid, rank[obj.clamp(max=count - 1)] // slots, -1)
+        return wave_of_pair, -(-min(pairs.numel(), distinct_max, count) // slots)
+
     def _page_kernel(self, group: int, pairs: torch.Tensor, top_k: int) -> PagedWave:
         """``page`` as one Triton program (``page_kernel``): the same decisions and writes."""
         num_pairs, slots = pairs.numel(), self.slots_per_group

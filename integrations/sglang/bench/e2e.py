@@ -4,8 +4,9 @@ at the same HBM budget (K slots per layer), in one run; same requests, greedy; o
 Phases: ``hbm``, ``tiermem`` (``--expert-tier-pager host``), ``device`` (``--expert-tier-pager device``),
 ``paged``, ``predictor`` (host pager prefetching with a predictor fitted on a trace ``hbm`` collects) and
 ``device-predictor`` (device pager evicting by that trace's step table), each eager (decode CUDA graphs
-disabled) or, as ``NAME+graph``, with decode CUDA graphs captured up to ``K // top_k`` requests
-(``phase_flags``); graph phases also compare with ``hbm+graph``.
+disabled) or, as ``NAME+graph``, with decode CUDA graphs captured up to ``--graph-max-bs`` requests
+(default ``K // top_k``, the most SGLang's paged experts captures; ``phase_flags``); graph phases also
+compare with ``hbm+graph``.
 
 Each phase starts ``python -m sglang.launch_server`` (plugins load there), waits for it, sends the same
 token-id requests at a fixed concurrency, records output ids and wall time, and stops the server. The
@@ -22,6 +23,7 @@ earlier call's ``e2e.json`` (``--reference``) and fits its predictor from that c
 the random checkpoint is seeded, so each call writes the same weights.
 
     python e2e.py MODEL_DIR OUT_DIR [--slots 32] [--phases hbm,tiermem,device,paged,predictor,hbm+graph,...]
+                  [--graph-max-bs N]
                   [--reference EARLIER/e2e.json --trace EARLIER/trace.npz]
 """
 
@@ -54,10 +56,11 @@ COMMON = ["--skip-tokenizer-init", "--attention-backend", "triton", "--sampling-
           "--host", "127.0.0.1", "--port", str(PORT), "--log-level", "info"]
 
 
-def phase_flags(phase: str, slots: int, top_k: int, trace: Path) -> list[str]:
-    """A phase's server flags. ``NAME+graph`` captures decode in CUDA graphs up to ``slots // top_k`` requests
-    (the batches whose routed entries fit the slots, the most SGLang's paged experts captures; the same cap for
-    every graph phase): full graphs, except the host pager's breakable ones (it pages in an eager break)."""
+def phase_flags(phase: str, slots: int, top_k: int, trace: Path, graph_max_bs: int = 0) -> list[str]:
+    """A phase's server flags. ``NAME+graph`` captures decode in CUDA graphs up to ``graph_max_bs`` requests
+    (0: ``slots // top_k``, the batches whose routed entries fit the slots, the most SGLang's paged experts
+    captures; it caps itself there whatever is asked): full graphs, except the host pager's breakable ones (it
+    pages in an eager break)."""
     name, graph = phase.removesuffix("+graph"), phase.endswith("+graph")
     tiered = ["--expert-tier", "cxl", "--expert-tier-slots", str(slots)]
     flags = {  # PHASES names these keys
@@ -72,7 +75,7 @@ def phase_flags(phase: str, slots: int, top_k: int, trace: Path) -> list[str]:
         return [*flags, "--cuda-graph-backend-decode", "disabled"]
     backend = "breakable" if name in ("tiermem", "predictor") else "full"
     return [*flags, "--cuda-graph-backend-decode", backend,
-            "--cuda-graph-max-bs-decode", str(max(1, slots // top_k))]
+            "--cuda-graph-max-bs-decode", str(graph_max_bs or max(1, slots // top_k))]
 
 
 def post(path: str, body: dict) -> dict:
@@ -151,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--phases", default="hbm,device,paged,tiermem",
                         help="comma-separated: hbm, device, tiermem, paged, predictor, each optionally NAME+graph")
+    parser.add_argument("--graph-max-bs", type=int, default=0,
+                        help="largest decode batch the +graph phases capture (0: slots // top_k)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = rng.integers(100, config["vocab_size"], (args.requests, args.prompt_tokens)).tolist()
     trace_prompts = rng.integers(100, config["vocab_size"], (16, args.prompt_tokens)).tolist()
     trace_path = args.trace or args.out / "trace.npz"
-    results: dict = {"model": config, "slots": args.slots, "requests": args.requests,
+    results: dict = {"model": config, "slots": args.slots, "graph_max_bs": args.graph_max_bs or max(
+                         1, args.slots // config["num_experts_per_tok"]), "requests": args.requests,
                      "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "phases": {}}
     reference = graph_reference = None  # outputs of hbm, and of hbm+graph (graph phases compare with both)
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--enable-return-routed-experts"] if collect else []
         start_s = time.perf_counter()
         try:
-            flags = phase_flags(phase, args.slots, config["num_experts_per_tok"], trace_path)
+            flags = phase_flags(phase, args.slots, config["num_experts_per_tok"], trace_path, args.graph_max_bs)
             server = start(args.model, flags + extra, log, args.startup_timeout_s)
         except RuntimeError as error:
             results["phases"][phase] = {"error": str(error)}

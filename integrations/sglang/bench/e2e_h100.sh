@@ -11,7 +11,8 @@
 # so a second call spends its time on serving. A later call that skips hbm compares against an earlier
 # call's results carried in .whl/ref (REFERENCE=.whl/ref/e2e.json TRACE=.whl/ref/trace.npz).
 # Knobs (environment): PHASES (default hbm,device,paged,tiermem; also predictor, and any NAME+graph), SLOTS (K, 32), LAYERS (6), EXPERTS (128),
-# REQUESTS (64), CONCURRENCY (16), NEW_TOKENS (64), REFERENCE, TRACE, COLLECT_TRACE (1: hbm records the routing
+# REQUESTS (64), CONCURRENCY (16), NEW_TOKENS (64), GRAPH_MAX_BS (largest captured decode batch of +graph phases;
+# default K // top-k), REFERENCE, TRACE, COLLECT_TRACE (1: hbm records the routing
 # trace for a later call's predictor phase), BUDGET_S (570: the serving part stops by then, so the logs still
 # come back inside a 600 s call).
 set -euo pipefail
@@ -68,7 +69,8 @@ set +e
   timeout --kill-after=30 "$left_s" \
     python3 integrations/sglang/bench/e2e.py "$model" "$OUT" --slots "${SLOTS:-32}" \
     --phases "${PHASES:-hbm,device,paged,tiermem}" --requests "${REQUESTS:-64}" \
-    --concurrency "${CONCURRENCY:-16}" --new-tokens "${NEW_TOKENS:-64}" "${reference[@]}"
+    --concurrency "${CONCURRENCY:-16}" --new-tokens "${NEW_TOKENS:-64}" --graph-max-bs "${GRAPH_MAX_BS:-0}" \
+    "${reference[@]}"
 } 2>&1 | tee "$OUT/e2e.log"
 status=${PIPESTATUS[0]}
 set -e

@@ -68,10 +68,25 @@ def test_a_malformed_payload_raises_instead_of_guessing(monkeypatch):
     ({"expert_tier": ExpertTier.HBM, "slots": 4}, "only apply when experts are offloaded"),
     ({"expert_tier": ExpertTier.CXL, "slots": 0}, "must be >= 1"),
     ({"expert_tier": ExpertTier.CXL, "hbm_fraction": 1.0}, "which is --expert-tier hbm"),
+    ({"expert_tier": ExpertTier.CXL, "slots": 4, "device_waves_max_tokens": 0},
+     "--expert-tier-device-waves-max-tokens must be >= 1, got 0"),
 ])
 def test_invalid_settings_raise_naming_the_flag(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ExpertTierConfig(**kwargs)
+
+
+def test_the_device_pager_runs_without_a_host_sync_up_to_its_wave_limit_or_one_full_wave():
+    offload = ("--expert-tier", "cxl", "--expert-tier-slots", "32")
+    config = config_from_namespace(parse(*offload))
+    assert config.device_waves_max_tokens == 256 and config.unsynced_max_tokens(NUM_EXPERTS, TOP_K) == 256
+    config = config_from_namespace(parse(*offload, "--expert-tier-device-waves-max-tokens", "2"))
+    assert config.unsynced_max_tokens(NUM_EXPERTS, TOP_K) == 4  # 32 slots hold 4 tokens' experts in one wave
+    with pytest.raises(ConfigError, match="this server pages on the host: drop it, or add --expert-tier-pager device"):
+        config_from_namespace(parse(*offload, "--expert-tier-pager", "host", "--expert-tier-device-waves-max-tokens",
+                                    "8"))
+    with pytest.raises(ConfigError, match="pages no experts: drop it, or add --expert-tier dram"):
+        config_from_namespace(parse("--expert-tier-device-waves-max-tokens", "8"))
 
 
 def test_hbm_fraction_rounds_down_to_whole_slots():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,8 @@ def test_fill_starts_with_the_first_k_experts_in_their_slots_and_counts_nothing(
 
 def test_one_wave_maps_each_entry_to_its_slot_and_lands_the_home_bytes(pager, experts):
     topk_ids = torch.tensor([[5, 1], [-1, 6]], dtype=torch.int32)
+    waves = pager.device_waves(topk_ids)
+    assert len(waves) == 1 and waves[0] is topk_ids  # 4 entries fit the 4 slots
     slots = pager.place_all(topk_ids)
     assert slots.dtype == torch.int32 and slots[1, 0] == -1  # padding stays masked
     resident = pager.pager.resident(0)
@@ -76,6 +80,29 @@ def test_a_large_step_is_planned_in_waves_of_at_most_k_resident_experts_first(pa
     stats = pager.stats
     assert (stats.steps, stats.waves) == (1, 2) and stats.hits + stats.misses == 6
     assert [w.tolist() for w in pager.plan(torch.full((2, TOP_K), -1))] == [[]]  # all padding: one empty wave
+
+
+def test_a_large_decode_step_splits_on_the_device_into_the_planned_waves(manager, experts):
+    topk_ids = torch.tensor([[7, 1], [5, 0], [6, 4], [1, 7]])
+    planned, device = build(manager, experts), build(manager, experts)
+    assert device.on_device(topk_ids) and not DeviceLayerPager(
+        store=device.store, layer=LAYER, slots=slot_tensors(NUM_SLOTS), waves_max_tokens=3).on_device(topk_ids)
+    waves = device.device_waves(topk_ids)
+    assert len(waves) == 2  # static: ceil(min(8 entries, 8 experts) / 4 slots)
+    for wave, ids in zip(planned.plan(topk_ids), waves):  # the same waves, resident experts first
+        assert torch.equal(torch.where(torch.isin(topk_ids, wave), topk_ids, -1), ids)
+        assert torch.equal(planned.place(topk_ids, wave), device.place_all(ids))
+        assert_slots_hold(device, experts)
+    assert dataclasses.astuple(planned.stats) == dataclasses.astuple(device.stats)
+    assert (device.stats.steps, device.stats.waves) == (1, 2)
+    repeated = torch.tensor([[0, 1], [0, 1], [1, 0]])  # 6 entries, 2 distinct: the second of 2 waves is empty
+    waves = device.device_waves(repeated)
+    assert len(waves) == 2 and torch.equal(waves[0], repeated) and bool((waves[1] == -1).all())
+    for ids in waves:
+        device.place_all(ids)
+    assert (device.stats.steps, device.stats.waves) == (2, 4)
+    for pager in (planned, device):
+        pager.store.close()
 
 
 def test_the_predicted_policy_keeps_the_experts_the_step_table_expects_next(manager, experts):
@@ -122,3 +149,36 @@ def test_a_captured_wave_pages_each_replay_for_its_own_routing(experts):
         assert pager.stats.waves == 21  # the warm-up and every replay; the capture itself ran nothing
         pager.drain()
         pager.store.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_device_waves_page_each_replay_as_the_planned_waves_do(experts):
+    with TierManager.from_config(REGISTERED_CXL) as manager:
+        device, planned = build(manager, experts, device="cuda"), build(manager, experts, device="cuda")
+        static = torch.zeros((4, TOP_K), dtype=torch.int32, device="cuda")  # 8 entries for 4 slots
+        for ids in device.device_waves(static):  # warm-up: compiles the kernels
+            device.place_all(ids)
+        for wave in planned.plan(static):
+            planned.place(static, wave)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            slots = [device.place_all(ids) for ids in device.device_waves(static)]
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            ids = torch.stack([torch.randperm(NUM_EXPERTS, generator=generator)[:TOP_K] for _ in range(4)])
+            static.copy_(ids)
+            graph.replay()
+            expected = [planned.place(static, wave) for wave in planned.plan(static)]
+            torch.cuda.synchronize()
+            assert device.pager.resident(0) == planned.pager.resident(0)
+            for wave, got in enumerate(slots):  # the planned waves, then (static count) empty ones
+                want = expected[wave].cpu() if wave < len(expected) else torch.full((4, TOP_K), -1)
+                assert torch.equal(got.cpu(), want.to(got.dtype)), wave
+            assert_slots_hold(device, experts)
+        got, want = device.stats, planned.stats
+        assert got.steps == 21 and (got.steps, got.hits, got.misses) == (want.steps, want.hits, want.misses)
+        assert got.waves == 2 * 21 >= want.waves  # the device counts its empty waves too
+        for pager in (device, planned):
+            pager.drain()
+            pager.store.close()

@@ -87,13 +87,16 @@ def tiny_fused_moe() -> FusedMoE:
     return layer
 
 
-@pytest.fixture(params=[ExpertPager.HOST, ExpertPager.DEVICE], ids=lambda pager: f"{pager.value}-pager")
+@pytest.fixture(params=[(ExpertPager.HOST, 256), (ExpertPager.DEVICE, 256), (ExpertPager.DEVICE, 1)],
+                ids=["host-pager", "device-pager", "device-pager-planned"])
 def tier_config(tmp_path, request):
+    """Each pager; the device pager's multi-token steps in waves decided on the device, or planned (read back)."""
     toml = tmp_path / "tiers.toml"
     toml.write_text('[[tiers]]\nkind = "cxl"\nbacking = "emulated"\ncapacity_bytes = "8MiB"\narena_bytes = "1MiB"\n'
                     'register_cuda = "never"\n')
+    pager, waves_max_tokens = request.param
     yield ExpertTierConfig(expert_tier=ExpertTier.CXL, slots=NUM_SLOTS, tiermem_config_path=str(toml),
-                           pager=request.param)
+                           pager=pager, device_waves_max_tokens=waves_max_tokens)
     close_runtimes()
 
 

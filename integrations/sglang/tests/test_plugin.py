@@ -128,7 +128,8 @@ def test_both_budgets_at_once_are_rejected_by_the_parser(cli_report):
 def test_flags_reach_a_spawned_scheduler_process_which_alone_hooks_the_moe_layers(tmp_path):
     answer = run_script(tmp_path, "worker.py", WORKER_SCRIPT)
     assert json.loads(answer["config"]) == {"expert_tier": "cxl", "hbm_fraction": 0.25, "slots": None,
-                                            "pager": "device", "predictor_path": None, "tiermem_config_path": None,
+                                            "pager": "device", "device_waves_max_tokens": 256,
+                                            "predictor_path": None, "tiermem_config_path": None,
                                             "engram_table_tier": "dram"}
     assert answer["fused_moe_hooked"] and answer["tp_size"] == 1
     assert not answer["parent_imported_moe_stack"]

@@ -62,6 +62,12 @@ class ExpertTierConfig:
                                  "GPU, capturable in a full decode CUDA graph; evicts by a trace's step table "
                                  "with --expert-tier-predictor) or host (plans on the host; prefetches from "
                                  "--expert-tier-predictor).")
+    device_waves_max_tokens: int = option(
+        256, help="With the device pager, a step of at most this many tokens pages its experts in waves decided on "
+                  "the GPU (no host sync: captured in full decode CUDA graphs at every batch size up to it, which "
+                  "are capped there); a larger step (a prefill) reads its routing back once and copies on the copy "
+                  "engines (--expert-tier-device-waves-max-tokens). SGLang's default largest decode graph on an "
+                  "H100 is 256.")
     predictor_path: str | None = option(
         None, help="Routing trace (.npz) to fit a co-occurrence predictor from, or a learned predictor (.pt).")
     tiermem_config_path: str | None = option(
@@ -84,6 +90,8 @@ class ExpertTierConfig:
                 f"--expert-tier-pager device ranks slots by a routing trace's step table (.npz); "
                 f"{self.predictor_path!r} is not a trace, and a learned predictor (.pt) prefetches through the host "
                 "pager: add --expert-tier-pager host, or give a trace")
+        require(self.device_waves_max_tokens >= 1, self,
+                f"--expert-tier-device-waves-max-tokens must be >= 1, got {self.device_waves_max_tokens}")
         if self.slots is not None:
             require(self.slots >= 1, self, f"--expert-tier-slots must be >= 1, got {self.slots}")
         if self.hbm_fraction is not None:
@@ -110,6 +118,11 @@ class ExpertTierConfig:
                 f"offloaded; use --expert-tier hbm, or fewer than {num_experts} slots"
             )
         return slots
+
+    def unsynced_max_tokens(self, num_experts: int, top_k: int) -> int:
+        """The largest step the device pager pages with no host sync, so the largest decode CUDA graph: one wave
+        while the routed entries fit the K slots, waves decided on the GPU up to ``device_waves_max_tokens``."""
+        return max(self.resident_slots(num_experts, top_k) // top_k, self.device_waves_max_tokens)
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), sort_keys=True)

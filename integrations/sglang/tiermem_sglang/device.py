@@ -8,19 +8,21 @@ step table, P(expert next step | experts this step), set with ``set_step_table``
 missed experts with tiermem's ``BlockCopier`` (a Triton kernel that reads the pinned host homes
 over UVA), one copy group per slot tensor (SGLang's ``w13_weight`` and ``w2_weight`` rows).
 
-A step whose routed entries fit the K slots (decode of up to ``K // top_k`` requests) is one wave:
-``place_all`` queues the paging and the copies with no host sync, so the MoE kernel after them is
-captured with them in SGLang's decode graph and every replay pages for its own routing. A larger
-step (a prefill) goes through ``plan`` (which reads the routing and the resident set back once)
-and ``place`` per wave, the same two calls as ``LayerPager``: waves of at most K distinct experts,
-resident ones first, each decided on the device and its copies read back and run on the copy
-engines (as SGLang's own eager path copies).
+A step of at most ``waves_max_tokens`` tokens (decode) never syncs: ``device_waves`` splits it on
+the GPU into a static number of waves of at most K distinct experts (one when its routed entries
+fit the K slots; else ``ceil(min(entries, E) / K)``, resident experts first, then by id: tiermem's
+``DevicePager.split_waves``, a wave past the step's last left empty), and ``place_all`` queues each
+wave's paging and copies, so the MoE kernels after them are captured with them in SGLang's decode
+graph at any batch size and every replay pages for its own routing. A larger step (a prefill)
+goes through ``plan`` (which reads the routing and the resident set back once) and ``place`` per
+wave, the same two calls as ``LayerPager``: the same waves, exactly as many as it needs, each
+decided on the device and its copies read back and run on the copy engines (as SGLang's own eager
+path copies).
 
 Invariants: the device tables are the only record of residency, and every wave (replayed, captured
 or eager) reads and writes them on the current stream, so graph replays and eager steps stay
 coherent; a wave's copies are queued before the kernel that reads its slots, on the same stream;
-a wave never holds more than K distinct experts (a step's routed entries when ``place_all``, a
-plan's chunk otherwise).
+a wave never holds more than K distinct experts (``device_waves``' and ``plan``'s waves).
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ class DeviceLayerPager:
     """Residency (on the device) and copies for the K HBM slots of MoE layer ``layer``."""
 
     def __init__(self, *, store: ExpertStore, layer: int, slots: Mapping[str, torch.Tensor], policy: str = "lru",
-                 kernel: bool | None = None) -> None:
+                 waves_max_tokens: int = 256, kernel: bool | None = None) -> None:
         """``policy``: ``lru`` or ``predicted`` (give the table with ``set_step_table``; until then it ranks as LRU).
+        ``waves_max_tokens``: the largest step paged with no host sync (``on_device``).
         ``kernel``: decide and copy with the Triton kernels (default: where the slots are on a GPU)."""
         self.store = store
+        self.waves_max_tokens = waves_max_tokens
         self.layer = layer
         self.slots = dict(slots)
         self.num_slots = check_slots(store, self.slots)
@@ -56,7 +60,7 @@ class DeviceLayerPager:
         rows = [self.slots[name].view(self.num_slots, -1).view(torch.uint8) for name in names]
         self.copier = BlockCopier(homes, rows, kernel=kernel)
         self._first_wave = 0  # the pager's clock when the counters were last reset
-        self._extra_waves = 0  # waves past a step's first (planned steps)
+        self._steps = torch.zeros((), dtype=torch.int64, device=self.device)  # counted on the device (graph replays)
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +72,7 @@ class DeviceLayerPager:
         needed, loads = self.pager.stats()
         misses = int(loads.sum())
         waves = int(self.pager.clock) - self._first_wave
-        return PagerStats(steps=waves - self._extra_waves, waves=waves, hits=needed - misses, misses=misses,
+        return PagerStats(steps=int(self._steps), waves=waves, hits=needed - misses, misses=misses,
                           bytes_loaded=misses * self.store.layout.payload_bytes)
 
     def set_step_table(self, table: np.ndarray) -> None:
@@ -91,7 +95,24 @@ class DeviceLayerPager:
         """Start with experts ``0 .. K-1`` in slots ``0 .. K-1`` (as after loading), and wait for them."""
         self.place_all(torch.arange(self.num_slots, device=self.device).unsqueeze(0))
         self.pager.reset_stats()
-        self._first_wave, self._extra_waves = int(self.pager.clock), 0
+        self._first_wave = int(self.pager.clock)
+        self._steps.zero_()
+
+    def on_device(self, topk_ids: torch.Tensor) -> bool:
+        """Whether a step of this shape is paged with no host sync (``device_waves``) rather than planned (``plan``):
+        decided from the shape alone, so a captured graph and an eager step of one shape page alike (the config's
+        ``unsynced_max_tokens``, which caps the decode graphs)."""
+        return topk_ids.numel() <= self.num_slots or topk_ids.shape[0] <= self.waves_max_tokens
+
+    def device_waves(self, topk_ids: torch.Tensor) -> list[torch.Tensor]:
+        """One step's waves, decided on the device: ``topk_ids`` with the entries of other waves masked to ``-1``,
+        one tensor per wave (``place_all`` each in turn); see the module docstring. No host sync."""
+        self._steps += 1
+        if topk_ids.numel() <= self.num_slots:
+            return [topk_ids]
+        wave_of_entry, waves = self.pager.split_waves(0, topk_ids.reshape(-1), distinct_max=self.num_experts)
+        wave_of_entry = wave_of_entry.view(topk_ids.shape)
+        return [torch.where(wave_of_entry == wave, topk_ids, -1) for wave in range(waves)]
 
     def place_all(self, topk_ids: torch.Tensor, *, engines: bool = False) -> torch.Tensor:
         """Make every routed expert of ``topk_ids`` (at most K entries) resident; returns their slot ids (padding,
@@ -108,9 +129,8 @@ class DeviceLayerPager:
         distinct = torch.unique(on_host[(on_host >= 0) & (on_host < self.num_experts)])
         resident = self.pager.object_slot[0, distinct.to(self.device)].cpu() >= 0
         ordered = torch.cat([distinct[resident], distinct[~resident]]).to(self.device)
-        waves = list(ordered.split(self.num_slots)) or [ordered]
-        self._extra_waves += len(waves) - 1
-        return waves
+        self._steps += 1
+        return list(ordered.split(self.num_slots)) or [ordered]
 
     def place(self, topk_ids: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
         """Make the experts of ``wave`` resident; returns ``topk_ids`` as slot ids, entries outside it masked. The

@@ -28,6 +28,7 @@ _FIELDS = {
     "expert_tier_slots": "slots",
     "expert_tier_hbm_fraction": "hbm_fraction",
     "expert_tier_pager": "pager",
+    "expert_tier_device_waves_max_tokens": "device_waves_max_tokens",
     "expert_tier_predictor": "predictor_path",
     "expert_tier_config": "tiermem_config_path",
     "engram_table_tier": "engram_table_tier",
@@ -51,10 +52,14 @@ def add_flags(result: Any, parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--expert-tier-pager", choices=[p.value for p in ExpertPager], default=None,
         help="Who pages experts into the slots: device (decides and copies on the GPU without a host sync, so "
-             "decode runs in full CUDA graphs up to K // top-k requests; LRU, or with --expert-tier-predictor "
+             "decode runs in full CUDA graphs; LRU, or with --expert-tier-predictor "
              "TRACE.npz eviction by the trace's step table) or host (plans on the host and prefetches with "
              "--expert-tier-predictor; decode graphs breakable or disabled). Default: device, or host when "
              "--expert-tier-predictor is given.")
+    group.add_argument(
+        "--expert-tier-device-waves-max-tokens", type=int, default=None, metavar="T",
+        help="Device pager: steps of at most T tokens page in waves decided on the GPU, inside CUDA graphs (full "
+             "decode graphs are captured up to T requests); larger steps read their routing back. Default 256.")
     group.add_argument(
         "--expert-tier-predictor", default=None, metavar="PATH",
         help="Route predictor: a tiermem routing trace (.npz, e.g. from `python -m tiermem_sglang.collect`) to fit "
@@ -73,12 +78,18 @@ def config_from_namespace(args: argparse.Namespace) -> ExpertTierConfig | None:
     given = {field: getattr(args, attr) for attr, field in _FIELDS.items() if getattr(args, attr, None) is not None}
     if not given:
         return None
-    return ExpertTierConfig(
+    waves = "device_waves_max_tokens" in given
+    config = ExpertTierConfig(
         expert_tier=ExpertTier(given.pop("expert_tier", ExpertTier.HBM.value)),
         engram_table_tier=TableTier(given.pop("engram_table_tier")) if "engram_table_tier" in given else None,
         pager=ExpertPager(given.pop("pager", ExpertPager.HOST if "predictor_path" in given else ExpertPager.DEVICE)),
         **given,
     )
+    if waves and not (config.offloads and config.pager is ExpertPager.DEVICE):
+        raise ConfigError(f"tiermem-sglang: --expert-tier-device-waves-max-tokens sets the device pager's waves; this "
+                          f"server pages {'no experts' if not config.offloads else 'on the host'}: drop it, or add "
+                          f"{'--expert-tier dram|cxl|rdma' if not config.offloads else '--expert-tier-pager device'}")
+    return config
 
 
 def incompatibilities(config: ExpertTierConfig, settings: Any) -> list[str]:

@@ -7,7 +7,7 @@ so SGLang's layer code runs unchanged. The base method ``FusedMoE`` would have c
 first layer is built, ``check_worker`` refuses what SGLang's resolved config has that tiering cannot
 serve (the CLI checked the raw flags; this also covers ``sglang.Engine`` without a CLI). With the
 device pager and full decode graphs, ``cap_decode_graphs`` limits the captured batch sizes to the
-steps that fit the K slots.
+steps it pages with no host sync (``--expert-tier-device-waves-max-tokens``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def tier_routed_experts(*args: Any, **kwargs: Any) -> tuple[tuple, dict] | None:
     text_config = process_model_config().hf_text_config
     top_k = bound.arguments.get("top_k") or text_config.num_experts_per_tok
     if config.pager is ExpertPager.DEVICE and check_cuda_graph_backend(Phase.DECODE, Backend.FULL):
-        cap_decode_graphs(max(1, config.resident_slots(bound.arguments["num_experts"], top_k) // top_k))
+        cap_decode_graphs(config.unsynced_max_tokens(bound.arguments["num_experts"], top_k))
     bound.arguments["quant_method"] = TieredMoEMethod(
         config, top_k=top_k, num_moe_layers=text_config.num_hidden_layers,
         base_method=bound.arguments.get("quant_method"),
@@ -73,14 +73,15 @@ def check_worker(config: ExpertTierConfig) -> None:
 
 
 def cap_decode_graphs(max_bs: int) -> None:
-    """Capture full decode graphs only at batch sizes whose routed entries fit the K slots (the steps the device
-    pager serves inside a graph); larger batches run without one. Every tiered layer calls this; the first
-    changes SGLang's config (as SGLang's own paged experts does)."""
+    """Capture full decode graphs only at batch sizes the device pager serves with no host sync (at most
+    ``max_bs`` tokens); larger batches run without one. Every tiered layer calls this; the first changes SGLang's
+    config (as SGLang's own paged experts caps its graphs)."""
     decode = get_exec().graph.cuda_graph_config.decode
     if not decode.bs or max(decode.bs) <= max_bs:
         return
     capture_bs = sorted({bs for bs in decode.bs if bs <= max_bs} | {max_bs})
-    log.info("tiermem-sglang: decode CUDA graphs captured at batch sizes %s (at most K // top-k = %d; larger "
-             "batches run without a graph)", capture_bs, max_bs)
+    log.info("tiermem-sglang: decode CUDA graphs captured at batch sizes %s (up to %d, the largest step the device "
+             "pager runs without a host sync: --expert-tier-device-waves-max-tokens); larger batches run without a "
+             "graph", capture_bs, max_bs)
     decode.bs = capture_bs
     decode.max_bs = max_bs

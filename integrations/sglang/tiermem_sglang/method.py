@@ -16,9 +16,10 @@ per-parameter ``weight_loader``, ``process_weights_after_loading``, ``apply``), 
 Two pagers (``--expert-tier-pager``): ``host`` (``LayerPager``: plans on the host) and ``device``
 (``DeviceLayerPager``: decides and copies on the GPU). Supported: unquantized (bf16/fp16) experts on
 the triton MoE runner, one GPU. CUDA graphs: with the host pager a breakable graph runs the paged
-step as an eager break and a full graph is refused at start-up; with the device pager a step whose
-routed entries fit the K slots runs inside any graph (full decode graphs are captured up to
-``K // top_k`` requests), and a larger one runs eagerly (an eager break in a breakable graph).
+step as an eager break and a full graph is refused at start-up; with the device pager a step of at
+most ``--expert-tier-device-waves-max-tokens`` tokens pages in waves decided on the GPU and runs
+inside any graph (full decode graphs are captured up to that many requests), and a larger one (a
+prefill) runs eagerly (an eager break in a breakable graph).
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ class TieredMoEMethod(FusedMoEMethodBase, torch.nn.Module):
         slots = {part: getattr(layer, name).data for name, part in PARTS.items()}
         if self.config.pager is ExpertPager.DEVICE:
             policy = "lru" if self.runtime.predictor is None else "predicted"
-            self.pager = DeviceLayerPager(store=self.store, layer=layer.layer_id, slots=slots, policy=policy)
+            self.pager = DeviceLayerPager(store=self.store, layer=layer.layer_id, slots=slots, policy=policy,
+                                          waves_max_tokens=self.config.device_waves_max_tokens)
         else:
             self.pager = LayerPager(manager=self.runtime.manager, store=self.store, layer=layer.layer_id, slots=slots)
         self.pager.fill()
@@ -162,12 +164,11 @@ class TieredMoEMethod(FusedMoEMethodBase, torch.nn.Module):
     def apply(self, layer, dispatch_output):
         topk_output = dispatch_output.topk_output
         # Decided from shapes alone, so a captured graph always takes the same path.
-        if isinstance(self.pager, DeviceLayerPager) and topk_output.topk_ids.numel() <= self.num_slots:
-            # One wave paged on the GPU: no host sync, so it runs (and is captured) inside any CUDA graph.
-            slots = self.pager.place_all(topk_output.topk_ids)
-            return StandardCombineInput(hidden_states=self.contract.finish(
-                merged=run_on_slots(self.base_method, layer, dispatch_output, slots),
-                hidden_states=dispatch_output.hidden_states, routed_scaling_factor=self.routed_scaling_factor))
+        if isinstance(self.pager, DeviceLayerPager) and self.pager.on_device(topk_output.topk_ids):
+            # Waves paged on the GPU: no host sync, so they run (and are captured) inside any CUDA graph.
+            waves = self.pager.device_waves(topk_output.topk_ids)
+            return StandardCombineInput(hidden_states=self._combine(layer, dispatch_output, waves,
+                                                                    self.pager.place_all))
         if is_in_breakable_cuda_graph():
             # The host-planned waves run as an eager break between captured segments.
             out = torch.empty_like(dispatch_output.hidden_states)
@@ -175,29 +176,40 @@ class TieredMoEMethod(FusedMoEMethodBase, torch.nn.Module):
                                  topk_output.topk_ids, topk_output.router_logits, out)
             return StandardCombineInput(hidden_states=out)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise ConfigError(
-                f"tiermem-sglang: a CUDA graph is capturing a step of {topk_output.topk_ids.shape[0]} token(s) x "
-                f"top-{self.top_k}, more routed entries than the {self.num_slots} slots, which pages on the host; "
-                f"capture decode graphs up to --cuda-graph-max-bs-decode {max(1, self.num_slots // self.top_k)}"
-            )
+            tokens = topk_output.topk_ids.shape[0]
+            if isinstance(self.pager, DeviceLayerPager):
+                most = self.config.unsynced_max_tokens(self.num_experts, self.top_k)
+                why = (f"more than --expert-tier-device-waves-max-tokens {self.pager.waves_max_tokens}, so its waves "
+                       f"are planned after reading its routing back; capture decode graphs up to "
+                       f"--cuda-graph-max-bs-decode {most}, or raise the flag")
+            else:
+                why = (f"more routed entries than the {self.num_slots} slots, planned on the host; use "
+                       f"--expert-tier-pager device")
+            raise ConfigError(f"tiermem-sglang: a CUDA graph is capturing a step of {tokens} token(s) x "
+                              f"top-{self.top_k}, {why}")
         return StandardCombineInput(hidden_states=self.run(layer, dispatch_output))
 
     def run(self, layer, dispatch_output) -> torch.Tensor:
-        """The layer's output for one step: waves over the K slots, summed like the unpaged runner."""
+        """The layer's output for one step, planned: waves over the K slots, summed like the unpaged runner."""
         topk_ids = dispatch_output.topk_output.topk_ids
-        waves = self.pager.plan(topk_ids)
+        out = self._combine(layer, dispatch_output, self.pager.plan(topk_ids),
+                            lambda wave: self.pager.place(topk_ids, wave))
+        self.runtime.after_routing(layer.layer_id, topk_ids)
+        return out
+
+    def _combine(self, layer, dispatch_output, waves: list, place) -> torch.Tensor:
+        """Place each wave (``place(wave)``: its slot ids) and run the base kernel on it before placing the next
+        (which may evict its experts), then sum the top-k entries like the unpaged runner."""
         merged = None
         for wave in waves:
-            slots = self.pager.place(topk_ids, wave)
+            slots = place(wave)
             if len(waves) == 1:
                 merged = run_on_slots(self.base_method, layer, dispatch_output, slots)
             else:
                 merged = self.contract.run_wave(base_method=self.base_method, layer=layer,
                                                 dispatch_output=dispatch_output, slots=slots, merged=merged)
-        out = self.contract.finish(merged=merged, hidden_states=dispatch_output.hidden_states,
-                                   routed_scaling_factor=self.routed_scaling_factor)
-        self.runtime.after_routing(layer.layer_id, topk_ids)
-        return out
+        return self.contract.finish(merged=merged, hidden_states=dispatch_output.hidden_states,
+                                    routed_scaling_factor=self.routed_scaling_factor)
 
     def _run_eager_into_impl(self, layer, hidden_states, topk_weights, topk_ids, router_logits, out) -> None:
         dispatch_output = StandardDispatchOutput(
