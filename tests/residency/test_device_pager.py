@@ -130,6 +130,8 @@ def test_a_step_splits_into_waves_of_resident_objects_first_then_by_id():
     # ranks: 5 7 (resident), then 0 1 3 8 -> waves [5 7 0], [1 3 8]
     assert wave_of_pair.tolist() == [1, 1, 0, -1, 1, 1, 0, -1, 0]
     assert waves == 3  # static: ceil(min(9 pairs, 9 objects) / 3); the third wave is empty
+    assert [w.tolist() for w in pager.plan_waves(0, step)] == [[5, 7, 0], [1, 3, 8]]  # read back: no empty wave
+    assert [w.tolist() for w in pager.plan_waves(0, torch.tensor([-1, 9]))] == [[]]  # dropped pairs only
     for wave in range(waves):
         distinct = set(step[wave_of_pair == wave].tolist())
         assert len(distinct) <= 3

@@ -131,13 +131,17 @@ class DevicePagedLayers:
         return sum_pairs(waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn),
                          hidden.shape[0], hidden.dtype)
 
+    def _objects(self, experts: torch.Tensor, first_object: int) -> torch.Tensor:
+        """The group's object ids of a layer's routed experts; ``-1`` for a dropped pair (out of range)."""
+        return torch.where((experts >= 0) & (experts < self.experts_per_layer), experts + first_object, -1)
+
     def _pair_rows(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor], *,
                    listed: bool = False) -> torch.Tensor:
         """One wave: page, copy, compute; each pair's weighted expert output ``[T * K, H]`` (dropped pairs: zero).
         ``listed``: read the wave's copies back and run them on the copy engines (waves of a synchronised layer)."""
         experts = top_k_index.reshape(-1)
-        objects = torch.where((experts >= 0) & (experts < self.experts_per_layer), experts + first_object, -1)
+        objects = self._objects(experts, first_object)
         wave = self.pager.page(group, objects, top_k_weights.shape[-1])
         self.copier.copy(group, wave.missing, wave.victims, wave.count, engines=listed)
         weights = self.weights[group]
@@ -151,7 +155,7 @@ class DevicePagedLayers:
         (``DevicePager.split_waves``: resident experts first, then by id, as ``_waves`` orders them; a static
         ``ceil(min(pairs, experts) / S)`` waves); each pair's weighted output ``[T * K, H]``."""
         experts = top_k_index.reshape(-1)
-        objects = torch.where((experts >= 0) & (experts < self.experts_per_layer), experts + first_object, -1)
+        objects = self._objects(experts, first_object)
         wave_of_pair, waves = self.pager.split_waves(group, objects, distinct_max=self.experts_per_layer)
         return self._merge_waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn,
                                  (wave_of_pair == wave for wave in range(waves)), listed=False)
@@ -163,12 +167,11 @@ class DevicePagedLayers:
         ones first, each paged and computed on the device as a decode layer; the host reads each wave's copies
         back (one synchronisation per wave) and runs them on the copy engines, faster than the copy kernel."""
         experts = top_k_index.reshape(-1)
-        on_host = experts.cpu()
-        distinct = torch.unique(on_host[(on_host >= 0) & (on_host < self.experts_per_layer)])
-        resident = self.pager.object_slot[group, (distinct + first_object).to(self.pager.device)].cpu() >= 0
-        chunks = torch.cat([distinct[resident], distinct[~resident]]).split(self.pager.slots_per_group)
+        objects = self._objects(experts, first_object)
+        chunks = self.pager.plan_waves(group, objects)
         return self._merge_waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn,
-                                 (torch.isin(experts, chunk.to(experts.device)) for chunk in chunks), listed=True)
+                                 (torch.isin(experts, (chunk - first_object).to(experts.device)) for chunk in chunks),
+                                 listed=True)
 
     def _merge_waves(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                      top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor],

@@ -146,6 +146,16 @@ class DevicePager:
         wave_of_pair = torch.where(valid, rank[obj.clamp(max=count - 1)] // slots, -1)
         return wave_of_pair, -(-min(pairs.numel(), distinct_max, count) // slots)
 
+    def plan_waves(self, group: int, objects: torch.Tensor) -> list[torch.Tensor]:
+        """``split_waves`` with the host in the loop, for a step that synchronises anyway (a prefill): reads the
+        step's objects (as for ``page``) and which of them are resident back once and returns exactly the waves it
+        needs, each its distinct objects (on the host, ``objects``' dtype) in ``split_waves``' order; one empty
+        wave for a step of dropped pairs only."""
+        on_host = objects.reshape(-1).cpu()
+        distinct = torch.unique(on_host[(on_host >= 0) & (on_host < self.objects_per_group)])
+        resident = self.object_slot[group, distinct.to(self.device)].cpu() >= 0
+        return list(torch.cat([distinct[resident], distinct[~resident]]).split(self.slots_per_group))
+
     def _page_kernel(self, group: int, pairs: torch.Tensor, top_k: int) -> PagedWave:
         """``page`` as one Triton program (``page_kernel``): the same decisions and writes."""
         num_pairs, slots = pairs.numel(), self.slots_per_group

@@ -123,14 +123,10 @@ class DeviceLayerPager:
         return wave.pair_slot.view(topk_ids.shape).to(topk_ids.dtype)
 
     def plan(self, topk_ids: torch.Tensor) -> list[torch.Tensor]:
-        """One step's waves: its distinct experts (on the device) in chunks of at most K, resident ones first;
-        reads the routing and the resident set back once."""
-        on_host = topk_ids.reshape(-1).cpu()
-        distinct = torch.unique(on_host[(on_host >= 0) & (on_host < self.num_experts)])
-        resident = self.pager.object_slot[0, distinct.to(self.device)].cpu() >= 0
-        ordered = torch.cat([distinct[resident], distinct[~resident]]).to(self.device)
+        """One step's waves: its distinct experts (on the device) in chunks of at most K, resident ones first
+        (``DevicePager.plan_waves``: reads the routing and the resident set back once)."""
         self._steps += 1
-        return list(ordered.split(self.num_slots)) or [ordered]
+        return [wave.to(self.device) for wave in self.pager.plan_waves(0, topk_ids)]
 
     def place(self, topk_ids: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
         """Make the experts of ``wave`` resident; returns ``topk_ids`` as slot ids, entries outside it masked. The
