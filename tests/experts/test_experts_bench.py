@@ -22,16 +22,19 @@ def test_bench_moe_replays_a_trace_and_reports_every_mode(tmp_path):
     # batches x modes (one fraction); device_tiermem only with a fitted predictor (none for uniform routing); at
     # batch 4 a layer's 4 x top-2 pairs exceed its 4 slots, so the device pager runs it in waves
     assert {r["mode"] for r in runs} == set(moe.MODES) - {"device_tiermem"}
-    assert [r["mode"] for r in runs if r["batch"] == 4] == ["all_hbm", "lru", "lfu", "tiermem", "device_lru"]
+    assert [r["mode"] for r in runs if r["batch"] == 4] == ["all_hbm", "lru", "lfu", "tiermem", "device_lru",
+                                                            "device_pipelined"]
     assert len(runs) == 2 * len(moe.MODES) - 2
     assert all(r["hit_rate"] == 1.0 and r["bytes_moved"] == 0 for r in runs if r["mode"] == "all_hbm")
     offloaded = [r for r in runs if r["mode"] != "all_hbm"]
     assert all(0.0 <= r["hit_rate"] < 1.0 and r["misses"] > 0 for r in offloaded)
-    assert [r["pager"] for r in offloaded if r["batch"] == 1] == ["host", "host", "host", "device"]
+    assert [r["pager"] for r in offloaded if r["batch"] == 1] == ["host", "host", "host", "device", "device"]
+    assert [r["pipelined_waves"] for r in offloaded if r["pager"] == "device"] == [False, True] * 2
     summaries = [r for r in records if r["kind"] == "summary"]
     assert all(r["sim_belady"] >= r["sim_lru"] for r in summaries)
     assert all(r["tokens_per_s_vs_lru"] > 0 and "gap_closed" in r for r in summaries)
     assert [r["batch"] for r in summaries if r.get("device_lru_vs_lru", 0) > 0] == [1, 4]
+    assert [r["batch"] for r in summaries if r.get("device_pipelined_vs_lru", 0) > 0] == [1, 4]
     host_paged = [r for r in runs if r["pager"] == "host"]
     phases = [r["host_us_per_layer"] for r in host_paged]
     assert all({"route_sync", "route", "compute", "total"} <= set(p) for p in phases)
@@ -48,7 +51,7 @@ def test_rounds_interleave_the_modes_and_report_each_modes_median_round(tmp_path
     assert args.func(args) == 0
     records = [json.loads(line) for line in (tmp_path / "moe.jsonl").read_text().splitlines()]
     offloaded = [r for r in records if r["kind"] == "run" and r["mode"] != "all_hbm"]
-    assert len(offloaded) == 4  # one record per mode: its median round
+    assert len(offloaded) == 5  # one record per mode: its median round
     for run in offloaded:
         assert len(run["round_tokens_per_s"]) == 3 and run["tokens_per_s"] == sorted(run["round_tokens_per_s"])[1]
     (summary,) = [r for r in records if r["kind"] == "summary"]

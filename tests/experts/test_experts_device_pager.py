@@ -12,8 +12,10 @@ import torch
 
 from tiermem.errors import ConfigError
 from tiermem.experts import offload
+from tiermem.experts.device_layer import DevicePagedLayers
 from tiermem.experts.runtime import ExpertCompute, OffloadConfig, Pager
 from tiermem.manager import ManagerConfig, TierManager
+from tiermem.residency.device_pager import DevicePager
 from tiermem.residency.slots import SlotLayout
 from tiermem.transfer.uva_copy import BlockCopier
 
@@ -70,14 +72,31 @@ def test_every_supported_architecture_decodes_bit_identically_on_the_device_page
 def test_layers_with_more_pairs_than_slots_run_in_waves_and_stay_bit_identical(config):
     vocab = _tiny_qwen3(seed=6)[1]
     prompts = [torch.randint(0, vocab, shape) for shape in ((3, 5), (1, 1), (2, 1), (4, 3), (1, 1), (4, 1))]
-    # waves decided on the device (layers of up to 64 tokens) and after reading the routing back (0): the same
-    # waves, so the same paging, and both bit-identical to the resident model (a fresh copy of it each time)
+    # waves decided on the device (layers of up to 64 tokens; unpipelined) and after reading the routing back (0):
+    # the same waves, so the same paging, and both bit-identical to the resident model (a fresh copy of it each time)
+    config = {**config, "device_pipelined_waves": False}
     on_device = _check_bit_identical(_tiny_qwen3(seed=6)[0], prompts, config)
     read_back = _check_bit_identical(_tiny_qwen3(seed=6)[0], prompts, {**config, "device_waves_max_tokens": 0})
     for stats in (on_device, read_back):
         assert stats["misses"] > 0 and stats["hits"] > 0 and stats["hits"] + stats["misses"] == stats["demands"]
     counted = ("demands", "hits", "misses")
     assert [on_device[k] for k in counted] == [read_back[k] for k in counted]
+
+
+@pytest.mark.parametrize("config", [
+    {"resident_fraction": 0.5, "pager": "device"},
+    {"resident_fraction": 0.5, "pager": "device", "policy": "lfu"},
+    {"resident_fraction": 0.25, "pager": "device", "slot_layout": "shared"},
+])
+def test_pipelined_waves_stay_bit_identical_and_count_every_expert_once(config):
+    vocab = _tiny_qwen3(seed=8)[1]  # 2 layers x 8 experts, top-2: 4 slots per layer at 0.5, batches of 3+ in waves
+    prompts = [torch.randint(0, vocab, shape) for shape in ((3, 5), (1, 1), (2, 1), (4, 3), (1, 1), (4, 1), (3, 1))]
+    pipelined = _check_bit_identical(_tiny_qwen3(seed=8)[0], prompts, config)  # the default
+    plain = _check_bit_identical(_tiny_qwen3(seed=8)[0], prompts, {**config, "device_pipelined_waves": False})
+    assert pipelined["misses"] > 0 and pipelined["hits"] > 0
+    assert pipelined["hits"] + pipelined["misses"] == pipelined["demands"]
+    # the waves differ (smaller, and a wave keeps the one before it), the experts each layer needed do not
+    assert pipelined["demands"] == plain["demands"]
 
 
 class StepTable(FirstExperts):
@@ -111,6 +130,12 @@ def test_device_pager_refuses_what_it_cannot_do(config, predictor, match):
     with pytest.raises(ConfigError, match=match):
         offload(model, tier="dram", config={"resident_fraction": 0.5, "prefetch": {"distance": 1}, **config},
                 predictor=predictor)
+
+
+def test_pipelined_waves_need_two_slots_per_group():
+    pager = DevicePager(num_groups=1, slots_per_group=1, objects_per_group=4, device="cpu")  # a top-1 model's minimum
+    with pytest.raises(ConfigError, match="need at least 2 slots per group .* this cache has 1"):
+        DevicePagedLayers(pager, None, [], experts_per_layer=4, per_layer=True, cuda_graphs=False, pipelined=True)
 
 
 def test_offload_config_built_directly_takes_enum_values_and_refuses_unknown_ones():
@@ -177,7 +202,8 @@ def test_the_copy_kernel_moves_the_counted_blocks_in_the_triton_interpreter(run_
 
 
 @pytest.mark.gpu
-def test_device_pager_on_the_gpu_is_bit_identical_with_graphs_and_without():
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_device_pager_on_the_gpu_is_bit_identical_with_graphs_and_without(pipelined):
     generator = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 256, shape, generator=generator).cuda() for shape in  # a prefill of 4 x top-4 > 8
                ((1, 4), (1, 1), (2, 1), (1, 1), (3, 1), (2, 1), (1, 1), (3, 1), (2, 1))]  # slots, and batches of 3,
@@ -186,7 +212,7 @@ def test_device_pager_on_the_gpu_is_bit_identical_with_graphs_and_without():
     for graphs in (True, False):
         model = _qwen3_on_gpu(seed=9)  # 32 experts, top-4: 8 slots per layer at 25%
         stats = _check_bit_identical(model, prompts, {"resident_fraction": 0.25, "pager": "device",
-                                                      "cuda_graphs": graphs})
+                                                      "cuda_graphs": graphs, "device_pipelined_waves": pipelined})
         assert stats["misses"] > 0 and stats["hits"] > 0
         assert (stats["graph_replays"] > stats["graphs_captured"] > 0) == graphs
         counters.append({k: stats[k] for k in ("demands", "hits", "misses", "demand_bytes")})

@@ -29,9 +29,10 @@ class ReferencePager:
         self.objects, self.policy, self.clock = objects, policy, 0
         self.scores = scores  # int64 [objects, objects], fixed point (the pager's)
 
-    def page(self, pairs: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    def page(self, pairs: list[int], keep: list[int] = ()) -> tuple[list[int], list[tuple[int, int]]]:
         valid = [p for p in pairs if 0 <= p < self.objects]
         needed = sorted(set(valid))
+        kept = set(needed) | {k for k in keep if 0 <= k < self.objects}
         where = {o: s for s, o in enumerate(self.slot_object) if o >= 0}
         missed = [o for o in needed if o not in where]
 
@@ -39,7 +40,7 @@ class ReferencePager:
             held = self.slot_object[slot]
             if held < 0:
                 return -1
-            if held in needed:
+            if held in kept:
                 return float("inf")
             if self.policy == "predicted":
                 return self.last_use[slot] + (int(sum(self.scores[o, held] for o in needed)) << 32)
@@ -76,12 +77,17 @@ def test_pages_exactly_as_the_reference_and_keeps_both_maps_inverse(policy):
     if policy == "predicted":
         pager.set_scores(_table(rng, 2, objects))
         reference.scores = pager.scores[1].numpy()
-    hits = 0
+    hits, kept, previous = 0, 0, None
     for _ in range(300):
         wave = (rng.zipf(1.3, size=pairs) - 1).clip(max=objects + 3)  # skewed; some dropped (>= objects)
         wave[rng.random(pairs) < 0.1] = -1
-        expected_slots, expected_copies = reference.page(wave.tolist())
-        result = pager.page(1, torch.from_numpy(wave), 1)
+        # keep the wave before's objects too, where both fit (as pipelined waves guarantee)
+        keep = previous if previous is not None and len({*wave.tolist(), *previous.tolist()} - {-1}) <= slots \
+            and rng.random() < 0.5 else None
+        kept += keep is not None
+        expected_slots, expected_copies = reference.page(wave.tolist(), () if keep is None else keep.tolist())
+        result = pager.page(1, torch.from_numpy(wave), 1, keep=None if keep is None else torch.from_numpy(keep))
+        previous = wave
         assert result.pair_slot.tolist() == expected_slots
         assert _copies(result) == expected_copies
         hits += len({p for p in wave.tolist() if 0 <= p < objects}) - len(expected_copies)
@@ -91,6 +97,29 @@ def test_pages_exactly_as_the_reference_and_keeps_both_maps_inverse(policy):
     assert pager.resident(0) == {}  # the other group was never touched
     needed, loads = pager.stats()
     assert needed - int(loads.sum()) == hits > 0
+    assert kept > 50
+
+
+def test_a_wave_keeps_the_slots_of_the_wave_still_computing():
+    pager = DevicePager(num_groups=1, slots_per_group=4, objects_per_group=9, device="cpu")
+    pager.page(0, torch.tensor([0, 1, 2, 3]), 1)
+    pager.page(0, torch.tensor([2, 3]), 1)  # 0 and 1 are now the least recent
+    result = pager.page(0, torch.tensor([4, -1]), 1, keep=torch.tensor([0, 7]))  # 0 kept: 1 goes, not 0
+    assert _copies(result) == [(4, 1)]
+    assert pager.resident(0) == {0: 0, 4: 1, 2: 2, 3: 3}
+    with pytest.raises(ConfigError, match="one entry per pair"):
+        pager.page(0, torch.tensor([5]), 1, keep=torch.tensor([0, 1]))
+
+
+def test_a_step_splits_into_waves_of_a_chosen_size():
+    pager = DevicePager(num_groups=1, slots_per_group=4, objects_per_group=9, device="cpu")
+    pager.page(0, torch.tensor([6]), 1)
+    step = torch.tensor([3, 6, 1, 8, 3])  # ranks: 6 (resident), then 1 3 8
+    wave_of_pair, waves = pager.split_waves(0, step, distinct_max=9, wave_objects=2)
+    assert wave_of_pair.tolist() == [1, 0, 0, 1, 1] and waves == 3  # ceil(5 pairs / 2): the last wave is empty
+    for bad in (0, 5):
+        with pytest.raises(ConfigError, match="give 1 to 4"):
+            pager.split_waves(0, step, distinct_max=9, wave_objects=bad)
 
 
 def test_single_object_waves_hit_exactly_as_an_lru_cache():
@@ -205,11 +234,15 @@ for policy in ("lru", "lfu", "predicted"):
             table = torch.from_numpy(rng.random((2, objects, objects)) ** 4)
             for pager in (ops, kernel):
                 pager.set_scores(table / table.sum(dim=2, keepdim=True))
+        previous = None
         for step in range(40):
             wave = torch.from_numpy((rng.zipf(1.3, size=pairs) - 1).clip(max=objects + 3))
             wave[torch.from_numpy(rng.random(pairs) < 0.1)] = -1
             wave = wave.to(ops.device)
-            x, y = ops.page(step % 2, wave, top_k), kernel.page(step % 2, wave, top_k)
+            fits = previous is not None and len({o for o in wave.tolist() + previous.tolist() if 0 <= o < objects}) <= slots
+            keep = previous if fits and step % 3 else None  # the wave before's objects, kept where both fit
+            x, y = (pager.page(step % 2, wave, top_k, keep=keep) for pager in (ops, kernel))
+            previous = wave
             n = int(x.count)
             assert int(y.count) == n and torch.equal(x.pair_slot, y.pair_slot) and torch.equal(x.index, y.index)
             assert torch.equal(x.missing[:n], y.missing[:n]) and torch.equal(x.victims[:n], y.victims[:n])

@@ -15,6 +15,8 @@ store and steps:
 |           | where its pairs fit its slot group (batch x top-k <= slots), else one, and waves |
 | device_tiermem | the device pager evicting by the cross-fitted co-occurrence step table     |
 |           | (``policy="predicted"``), at batch 1 (one step table per step) with a predictor |
+| device_pipelined | device_lru with pipelined waves (``device_pipelined_waves``): a layer in    |
+|           | waves runs waves of half its slots, wave w+1's copies beside wave w's compute  |
 
 Steps are the simulator's (``tiermem.simulate``): static batches of whole sequences, step-aligned,
 each batch starting with a cold cache; the simulator's LRU/LFU/Belady hit rates on the very same
@@ -61,8 +63,8 @@ from tiermem.transfer.uva_copy import BlockCopier
 
 log = logging.getLogger("tiermem.bench")
 
-MODES = ("all_hbm", "lru", "lfu", "tiermem", "device_lru", "device_tiermem")
-DEVICE_MODES = ("device_lru", "device_tiermem")
+MODES = ("all_hbm", "lru", "lfu", "tiermem", "device_lru", "device_tiermem", "device_pipelined")
+DEVICE_MODES = ("device_lru", "device_tiermem", "device_pipelined")
 
 
 def build_store(manager: TierManager, shape: ExpertShape, layers: tuple[int, ...], device: torch.device,
@@ -89,11 +91,12 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     shape = work.shape
     predictor = predictor if mode in ("tiermem", "device_tiermem") else None
     policy = {"all_hbm": "lru", "lru": "lru", "lfu": "lfu", "tiermem": "predicted" if predictor else "lfu",
-              "device_lru": "lru", "device_tiermem": "predicted"}[mode]
+              "device_lru": "lru", "device_tiermem": "predicted", "device_pipelined": "lru"}[mode]
     config = OffloadConfig(resident_fraction=1.0 if mode == "all_hbm" else fraction, policy=policy,
                            prefetch=prefetch if predictor else PrefetchConfig(distance=0), time_host_phases=True,
                            compute=compute, cuda_graphs=cuda_graphs,
-                           pager=Pager.DEVICE if mode in DEVICE_MODES else Pager.HOST)
+                           pager=Pager.DEVICE if mode in DEVICE_MODES else Pager.HOST,
+                           device_pipelined_waves=mode == "device_pipelined")
     runtime = ExpertRuntime(store, config, device=device, top_k=shape.top_k, predictor=predictor)
     router_inputs = recorded_router_inputs(work, steps) if predictor is not None and mode == "tiermem" else None
     # the routing of every step on the device before the timed loop, as a model's routers leave it there:
@@ -124,6 +127,7 @@ def run_mode(store: ExpertStore, work: Workload, steps: list[Step], *, mode: str
     runtime.close()
     moved = stats["demand_bytes"] + stats["prefetch_bytes"]
     return {"mode": mode, "policy": policy, "pager": stats["pager"], "predictor": predictor.name if predictor else None,
+            "pipelined_waves": config.device_pipelined_waves,
             "compute": compute.value, "elapsed_s": elapsed, "steps": len(steps), "tokens": tokens,
             "tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(steps), "bytes_moved": moved,
             "bytes_per_step": moved / len(steps), **{k: stats[k] for k in (

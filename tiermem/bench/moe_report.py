@@ -14,7 +14,8 @@ def print_summary(records: list[dict[str, Any]]) -> None:
     for column in ("workload", "batch", "fraction", "tok/s lru", "tok/s tiermem", "vs lru", "rounds vs lru", "hit lru",
                    "hit tiermem",
                    "belady", "gap closed", "xfer eff", "overlap lru", "overlap tiermem", "device lru vs lru",
-                   "device tiermem vs lru", "hit device tiermem", "gap closed device", "overlap device tiermem"):
+                   "device tiermem vs lru", "hit device tiermem", "gap closed device", "overlap device tiermem",
+                   "device pipelined vs lru", "overlap device lru", "overlap device pipelined"):
         table.add_column(column)
     efficiency = {r["workload"]: r.get("transfer_efficiency") for r in records if r["kind"] == "workload"}
     overlap = {(r["workload"], r["batch"], r["fraction"], r["mode"]): r.get("overlap_ratio")
@@ -28,8 +29,10 @@ def print_summary(records: list[dict[str, Any]]) -> None:
                       _fmt(efficiency.get(r["workload"]), ".2f"), _fmt(overlap.get((*where, "lru")), ".2f"),
                       _fmt(overlap.get((*where, "tiermem")), ".2f"), _fmt(r.get("device_lru_vs_lru"), ".2f"),
                       _fmt(r.get("device_tiermem_vs_lru"), ".2f"), _fmt(r.get("device_tiermem_hit_rate"), ".3f"),
-                      _fmt(r.get("device_tiermem_gap_closed"), ".2f"), _fmt(overlap.get((*where, "device_tiermem")), ".2f"))
-    Console(width=250).print(table)
+                      _fmt(r.get("device_tiermem_gap_closed"), ".2f"), _fmt(overlap.get((*where, "device_tiermem")), ".2f"),
+                      _fmt(r.get("device_pipelined_vs_lru"), ".2f"), _fmt(overlap.get((*where, "device_lru")), ".2f"),
+                      _fmt(overlap.get((*where, "device_pipelined")), ".2f"))
+    Console(width=300).print(table)
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -1,9 +1,10 @@
-"""``DevicePagedLayers``: a layer's paging, copies and grouped compute, queued on one stream, no host sync.
+"""``DevicePagedLayers``: a layer's paging, copies and grouped compute, queued on the GPU with no host sync.
 
 With the device pager (``OffloadConfig(pager="device")``) a layer is: map the routing to object
 ids -> ``DevicePager.page`` (slots, copies and the wave index, on the device) ->
 ``BlockCopier.copy`` (one kernel that reads the missed experts from their host homes) ->
-``grouped.compute_wave`` over the slot group -> sum over top-k. The host never reads the routing,
+``grouped.compute_wave`` over the slot group -> sum over top-k; a decode layer in waves copies each
+wave beside the previous one's compute (``pipelined``). The host never reads the routing,
 so it runs ahead of the GPU by whole layers; on a GPU each (group, shape) is captured once in a
 CUDA graph and replayed, so a layer costs the host three input copies, one replay and one clone.
 ``build_device_pager`` assembles it for a runtime's store and cache, ``device_stats`` reports its
@@ -13,12 +14,16 @@ eviction.
 Invariants:
 - a layer whose routed pairs fit its slot group (``pairs <= slots_per_group``, a static bound on its
   distinct experts: decode at small batch) is one wave and never waits on the host;
-- a layer with more pairs runs its distinct experts in waves of at most a group's slots, resident
-  ones first, then by id: decided on the device for a layer of at most ``waves_max_tokens`` tokens
-  (decode at larger batch: ``ceil(min(pairs, experts) / slots)`` waves, a static count, so its graph
-  captures them; a wave left empty copies and computes nothing), else (a prefill) after one read of
-  the routing, exactly the waves it needs, each wave's copies read back and run on the copy engines
-  (eager, no graph); both split a layer into the same waves;
+- a layer with more pairs runs its distinct experts in waves, resident ones first, then by id:
+  decided on the device for a layer of at most ``waves_max_tokens`` tokens (decode at larger batch:
+  a static count of waves, so its graph captures them; a wave left empty copies and computes
+  nothing), else (a prefill) after one read of the routing, exactly the waves it needs, each wave's
+  copies read back and run on the copy engines (eager, no graph). Unpipelined, both make the same
+  waves of at most a group's slots (``ceil(min(pairs, experts) / slots)`` on the device).
+  ``pipelined`` decode waves hold at most half a group's slots: wave ``w + 1`` is paged keeping wave
+  ``w``'s objects, so its copies (on a second stream) never overwrite a slot wave ``w`` computes on,
+  and start only after wave ``w - 1`` computed (the copy stream waits for the compute stream after
+  each paging); the layer's compute stream waits for its last copy before the layer ends;
 - the output is bit-identical to the host pager's grouped path and to transformers' ``grouped_mm``
   experts on the all-resident weights (each row computed by its own expert's GEMM group; dropped
   pairs are zero); slot choice never changes a value;
@@ -44,7 +49,7 @@ from tiermem.experts.grouped import SlotWeights, compute_wave, pair_buffer, sum_
 from tiermem.experts.store import ExpertStore
 from tiermem.predict.base import Predictor
 from tiermem.prefetch.stats import PrefetchStats
-from tiermem.residency.device_pager import DevicePager
+from tiermem.residency.device_pager import DevicePager, PagedWave
 from tiermem.residency.slots import SlotLayout
 from tiermem.transfer.uva_copy import BlockCopier
 
@@ -65,9 +70,20 @@ class DevicePagedLayers:
 
     def __init__(self, pager: DevicePager, copier: BlockCopier, weights: Sequence[SlotWeights], *,
                  experts_per_layer: int, per_layer: bool, cuda_graphs: bool, waves_max_tokens: int = 64,
-                 max_graphs: int = 1024) -> None:
+                 pipelined: bool = False, max_graphs: int = 1024) -> None:
+        if pipelined and pager.slots_per_group < 2:
+            raise ConfigError(f"device pager: pipelined waves need at least 2 slots per group (one wave computes while "
+                              f"the next is copied); this cache has {pager.slots_per_group}. Raise the HBM budget "
+                              "or turn device_pipelined_waves off")
         self.pager, self.copier, self.weights = pager, copier, list(weights)
         self.waves_max_tokens = waves_max_tokens  # larger layers with more pairs than slots read their routing back
+        self.pipelined = pipelined  # device-decided waves of half a group, each copied while the last computes
+        on_gpu = pipelined and pager.device.type == "cuda"
+        self._copies = torch.cuda.Stream(pager.device) if on_gpu else None
+        # the link saturates with 8 programs (bench/copy_overlap.py: 46.6 GB/s, against 45.3-47.7 for 16-528 on the
+        # H100); a quarter of the SMs leaves the rest to the wave computing beside the copy
+        self._copy_programs = max(8, torch.cuda.get_device_properties(pager.device).multi_processor_count // 4) \
+            if on_gpu else None
         self.experts_per_layer = experts_per_layer
         self.per_layer = per_layer  # a slot group per layer position, or one group shared by every layer
         self.use_graphs = cuda_graphs and pager.device.type == "cuda"
@@ -126,8 +142,9 @@ class DevicePagedLayers:
 
     def _layer(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The layer's summed output with no host sync: one wave, or waves decided on the device."""
-        waves = self._pair_rows if top_k_index.numel() <= self.pager.slots_per_group else self._device_waves
+        """The layer's summed output with no host sync: one wave, or waves decided on the device (pipelined or not)."""
+        waves = self._pair_rows if top_k_index.numel() <= self.pager.slots_per_group else \
+            self._pipelined if self.pipelined else self._device_waves
         return sum_pairs(waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn),
                          hidden.shape[0], hidden.dtype)
 
@@ -140,14 +157,63 @@ class DevicePagedLayers:
                    listed: bool = False) -> torch.Tensor:
         """One wave: page, copy, compute; each pair's weighted expert output ``[T * K, H]`` (dropped pairs: zero).
         ``listed``: read the wave's copies back and run them on the copy engines (waves of a synchronised layer)."""
-        experts = top_k_index.reshape(-1)
-        objects = self._objects(experts, first_object)
-        wave = self.pager.page(group, objects, top_k_weights.shape[-1])
+        wave = self.pager.page(group, self._objects(top_k_index.reshape(-1), first_object), top_k_weights.shape[-1])
         self.copier.copy(group, wave.missing, wave.victims, wave.count, engines=listed)
+        return self._compute(group, wave, hidden, top_k_weights, act_fn)
+
+    def _compute(self, group: int, wave: PagedWave, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+                 act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A paged wave's grouped compute: each pair's weighted expert output ``[T * K, H]`` (pairs not in it: zero)."""
         weights = self.weights[group]
         out = pair_buffer(hidden, top_k_weights, weights)
-        compute_wave(hidden, top_k_weights, wave.index, experts.numel(), weights, act_fn, out)
+        compute_wave(hidden, top_k_weights, wave.index, wave.pair_slot.numel(), weights, act_fn, out)
         return out.masked_fill_((wave.pair_slot < 0).unsqueeze(-1), 0)  # rows past the last slot's are not computed
+
+    def _pipelined(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``_device_waves`` pipelined: waves of at most half the group's slots (``split_waves``), wave ``w + 1`` paged
+        with wave ``w``'s objects kept and copied on the copy stream (by a quarter of the SMs) while wave ``w``
+        computes; each pair's weighted output ``[T * K, H]``.
+
+        Stream order makes it safe: wave ``w + 1``'s copies overwrite neither wave ``w``'s slots (kept) nor its own,
+        and start after every wave before ``w`` computed (the copy stream waits for the compute stream at
+        each wave's paging, which is queued after wave ``w - 1``'s compute)."""
+        experts = top_k_index.reshape(-1)
+        objects = self._objects(experts, first_object)
+        wave_of_pair, waves = self.pager.split_waves(group, objects, distinct_max=self.experts_per_layer,
+                                                     wave_objects=self.pager.slots_per_group // 2)
+        members = [wave_of_pair == wave for wave in range(waves)]
+        masked = [torch.where(member, objects, -1) for member in members]
+        compute = torch.cuda.current_stream(hidden.device) if self._copies is not None else None
+        paged: list[PagedWave] = []  # held until the copy stream rejoins: it reads these tensors
+        landed: list[torch.cuda.Event | None] = []
+
+        def page_and_copy(wave: int) -> None:
+            paged.append(self.pager.page(group, masked[wave], top_k_weights.shape[-1],
+                                         keep=masked[wave - 1] if wave else None))
+            copy = paged[-1].missing, paged[-1].victims, paged[-1].count
+            if self._copies is None:
+                self.copier.copy(group, *copy)
+                landed.append(None)
+                return
+            self._copies.wait_stream(compute)
+            with torch.cuda.stream(self._copies):
+                self.copier.copy(group, *copy, programs=self._copy_programs)
+                landed.append(torch.cuda.Event())
+                landed[-1].record()
+
+        page_and_copy(0)
+        out = pair_buffer(hidden, top_k_weights, self.weights[group])
+        for wave in range(waves):
+            if wave + 1 < waves:
+                page_and_copy(wave + 1)
+            if landed[wave] is not None:
+                compute.wait_event(landed[wave])
+            rows = self._compute(group, paged[wave], hidden, top_k_weights, act_fn)
+            out = torch.where(members[wave].unsqueeze(-1), rows, out)
+        if compute is not None:
+            compute.wait_stream(self._copies)
+        return out
 
     def _device_waves(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -230,7 +296,7 @@ class DevicePagedLayers:
 
 
 def build_device_pager(store: ExpertStore, cache: ExpertCache, weights: Sequence[SlotWeights], policy: str, *,
-                       cuda_graphs: bool, waves_max_tokens: int = 64) -> DevicePagedLayers:
+                       cuda_graphs: bool, waves_max_tokens: int = 64, pipelined: bool = False) -> DevicePagedLayers:
     """The device pager over ``cache``'s slot groups and ``store``'s homes (validated here)."""
     hooked = sorted(t for t in store.placement.tiers if store.manager.tier(t).io_hooked)
     if hooked:
@@ -245,7 +311,7 @@ def build_device_pager(store: ExpertStore, cache: ExpertCache, weights: Sequence
     copier = BlockCopier(homes, [cache.memory[g * per_group:(g + 1) * per_group] for g in range(cache.num_groups)])
     return DevicePagedLayers(pager, copier, weights, experts_per_layer=store.num_experts,
                              per_layer=cache.slot_layout is SlotLayout.PER_LAYER, cuda_graphs=cuda_graphs,
-                             waves_max_tokens=waves_max_tokens)
+                             waves_max_tokens=waves_max_tokens, pipelined=pipelined)
 
 
 def device_stats(layers: DevicePagedLayers, store: ExpertStore) -> PrefetchStats:

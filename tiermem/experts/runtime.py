@@ -90,6 +90,10 @@ class OffloadConfig:
         64, help="device pager: a layer of at most this many tokens whose routed pairs outnumber its slots runs its "
                  "waves decided on the device (no host sync, captured in its CUDA graph); a larger one (a prefill) "
                  "reads its routing back and runs exactly the waves it needs. 0: always read back.")
+    device_pipelined_waves: bool = option(
+        True, help="device pager: split such a decode layer into waves of half its slot group and copy wave w+1 "
+                    "(on a second stream, by a quarter of the SMs) while wave w computes; a layer that fits one wave "
+                    "is one wave either way.")
 
     def __post_init__(self) -> None:
         for name, kind in (("pager", Pager), ("slot_layout", SlotLayout), ("compute", ExpertCompute)):
@@ -167,7 +171,8 @@ class ExpertRuntime:
         use_graphs = self.compute is ExpertCompute.GROUPED and config.cuda_graphs and self.cache.device.type == "cuda"
         self._graphs = WaveGraphs(self._slot_weights) if use_graphs else None
         self._device = build_device_pager(store, self.cache, self._slot_weights, policy, cuda_graphs=config.cuda_graphs,
-                                          waves_max_tokens=config.device_waves_max_tokens) \
+                                          waves_max_tokens=config.device_waves_max_tokens,
+                                          pipelined=config.device_pipelined_waves) \
             if config.pager is Pager.DEVICE else None
         self._predictor = predictor
         self._scores_from: Any = None  # the step table now in the device pager (predicted policy)

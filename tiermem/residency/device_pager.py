@@ -22,8 +22,9 @@ the kernel is tested against).
 Invariants:
 - ``object_slot`` and ``slot_object`` are inverse maps of each group (``-1``: none), exactly;
 - after ``page``, every valid pair's object is in a slot (``pair_slot >= 0``), and no slot holding an
-  object of the wave was a victim; this needs the wave's distinct objects to fit in the group,
-  which the caller guarantees statically (``pairs <= slots_per_group``);
+  object of the wave, or of ``keep``, was a victim; this needs the wave's distinct objects (plus
+  ``keep``'s) to fit in the group, which the caller guarantees statically (``pairs <= slots_per_group``,
+  or waves of at most half the group each keeping only the wave before);
 - the tables say an object is resident as soon as its copy is queued: the copy runs on the stream
   that every later use of the slot runs on, so stream order makes that true for every reader;
 - column ``N`` of ``object_slot`` / ``S`` of ``slot_object`` and ``last_use`` are sentinels that absorb
@@ -91,15 +92,22 @@ class DevicePager:
         self._real = torch.ones(objects + 1, dtype=torch.bool, device=self.device)  # False for the sentinel lane
         self._real[objects] = False  # (a host scalar written here, never inside a captured wave)
 
-    def page(self, group: int, objects: torch.Tensor, top_k: int) -> PagedWave:
+    def page(self, group: int, objects: torch.Tensor, top_k: int, *, keep: torch.Tensor | None = None) -> PagedWave:
         """Give every pair of ``objects`` (int ``[P]``, ids within ``group``; pair ``i`` is token ``i // top_k``'s)
-        a slot; see the module docstring."""
+        a slot; see the module docstring. ``keep`` (int ``[P]``, ids as ``objects``): objects whose slots must not
+        be victims either (a wave still computing while this one's copies run: ``pipelined_waves``)."""
         pairs = objects.reshape(-1).to(device=self.device, dtype=torch.int64)
+        kept = pairs if keep is None else keep.reshape(-1).to(device=self.device, dtype=torch.int64)
+        if kept.numel() != pairs.numel():
+            raise ConfigError(f"device pager: keep lists {kept.numel()} pair(s) for a wave of {pairs.numel()}; give "
+                              "one entry per pair (-1 for none)")
         if self.kernel and pairs.numel() <= MAX_LANES:
-            return self._page_kernel(group, pairs, top_k)
+            return self._page_kernel(group, pairs, kept, top_k)
         slots, count = self.slots_per_group, self.objects_per_group
         obj = torch.where((pairs >= 0) & (pairs < count), pairs, count)
         need = torch.zeros(count + 1, dtype=torch.bool, device=self.device).index_fill_(0, obj, True) & self._real
+        spare = torch.where((kept >= 0) & (kept < count), kept, count)
+        held_back = need.index_fill(0, spare, True) & self._real  # needed now, or by the wave still computing
         object_slot, slot_object, last_use = self.object_slot[group], self.slot_object[group], self.last_use[group]
         held = slot_object[:slots]
         missed = need[:count] & (object_slot[:count] < 0)
@@ -111,7 +119,7 @@ class DevicePager:
             score = (self.scores[group] * need[:count].unsqueeze(1)).sum(0)  # [N]: rows of the wave's objects
             rank = (score[held.clamp(min=0)] << 32) + rank
         rank = torch.where(held < 0, _NEVER, rank)
-        rank = torch.where(need[torch.where(held >= 0, held, count)], _KEEP, rank)
+        rank = torch.where(held_back[torch.where(held >= 0, held, count)], _KEEP, rank)
         lanes = min(pairs.numel(), slots, count)
         victims = torch.argsort(rank, stable=True)[:lanes]
         missing = torch.argsort((~missed).to(torch.int8), stable=True)[:lanes]  # missed objects first, ascending
@@ -129,22 +137,28 @@ class DevicePager:
         self.loads[group].index_add_(0, torch.where(take, missing, count), torch.ones_like(missing))
         return PagedWave(pair_slot, missing, victims, num_missed.reshape(1), wave_index(pair_slot, top_k, slots))
 
-    def split_waves(self, group: int, objects: torch.Tensor, *, distinct_max: int) -> tuple[torch.Tensor, int]:
-        """Split a step with more pairs than ``group`` has slots into waves that ``page`` can take, decided on the
-        device (no host sync, so capturable): the step's distinct objects ranked resident ones first, then by id,
-        wave ``w`` taking ranks ``[w S, (w + 1) S)``. ``objects`` as for ``page``; ``distinct_max`` bounds the
-        step's distinct objects (e.g. a layer's experts). Returns each pair's wave (``-1``: dropped) and the static
-        wave count ``ceil(min(pairs, distinct_max) / S)``; waves past the step's last are empty."""
-        pairs = objects.reshape(-1).to(device=self.device, dtype=torch.int64)
+    def split_waves(self, group: int, objects: torch.Tensor, *, distinct_max: int,
+                    wave_objects: int | None = None) -> tuple[torch.Tensor, int]:
+        """Split a step into waves that ``page`` can take, decided on the device (no host sync, so capturable): the
+        step's distinct objects ranked resident ones first, then by id, wave ``w`` taking ranks ``[w W, (w + 1) W)``
+        for ``W = wave_objects`` (default: the group's slots, for a step with more pairs than slots; at most half of
+        them for waves that page while the one before computes). ``objects`` as for ``page``; ``distinct_max``
+        bounds the step's distinct objects (e.g. a layer's experts). Returns each pair's wave (``-1``: dropped) and
+        the static wave count ``ceil(min(pairs, distinct_max) / W)``; waves past the step's last are empty."""
         slots, count = self.slots_per_group, self.objects_per_group
+        per_wave = slots if wave_objects is None else wave_objects
+        if not 1 <= per_wave <= slots:
+            raise ConfigError(f"device pager: waves of {per_wave} object(s) in a group of {slots} slot(s); give 1 to "
+                              f"{slots}")
+        pairs = objects.reshape(-1).to(device=self.device, dtype=torch.int64)
         valid = (pairs >= 0) & (pairs < count)
         obj = torch.where(valid, pairs, count)
         need = torch.zeros(count + 1, dtype=torch.bool, device=self.device).index_fill_(0, obj, True)
         ids = torch.arange(count, device=self.device)
         key = torch.where(need[:count], torch.where(self.object_slot[group, :count] >= 0, ids, ids + count), 2 * count)
         rank = torch.empty_like(ids).scatter_(0, torch.argsort(key), ids)
-        wave_of_pair = torch.where(valid, rank[obj.clamp(max=count - 1)] // slots, -1)
-        return wave_of_pair, -(-min(pairs.numel(), distinct_max, count) // slots)
+        wave_of_pair = torch.where(valid, rank[obj.clamp(max=count - 1)] // per_wave, -1)
+        return wave_of_pair, -(-min(pairs.numel(), distinct_max, count) // per_wave)
 
     def plan_waves(self, group: int, objects: torch.Tensor) -> list[torch.Tensor]:
         """``split_waves`` with the host in the loop, for a step that synchronises anyway (a prefill): reads the
@@ -156,14 +170,14 @@ class DevicePager:
         resident = self.object_slot[group, distinct.to(self.device)].cpu() >= 0
         return list(torch.cat([distinct[resident], distinct[~resident]]).split(self.slots_per_group))
 
-    def _page_kernel(self, group: int, pairs: torch.Tensor, top_k: int) -> PagedWave:
+    def _page_kernel(self, group: int, pairs: torch.Tensor, kept: torch.Tensor, top_k: int) -> PagedWave:
         """``page`` as one Triton program (``page_kernel``): the same decisions and writes."""
         num_pairs, slots = pairs.numel(), self.slots_per_group
         lanes = min(num_pairs, slots, self.objects_per_group)
         out = torch.empty(num_pairs + 2 * lanes + 1 + 2 * num_pairs + slots, dtype=torch.int64, device=self.device)
         pair_slot, missing, victims, count, index = out.split([num_pairs, lanes, lanes, 1, 2 * num_pairs + slots])
         scores = self.scores[group if self.policy == "predicted" else 0]
-        _kernel()[(1,)](pairs, num_pairs, self.object_slot[group], self.slot_object[group], self.last_use[group],
+        _kernel()[(1,)](pairs, kept, num_pairs, self.object_slot[group], self.slot_object[group], self.last_use[group],
                         self.uses[group], scores, self.clock, self.needed, self.loads[group], pair_slot, missing, victims,
                         count, index, self.objects_per_group, slots, top_k, LFU=self.policy == "lfu",
                         PREDICTED=self.policy == "predicted",

@@ -19,7 +19,7 @@ KEEP = tl.constexpr(9223372036854775807)  # the eviction rank of a slot the wave
 
 
 @triton.jit
-def page_kernel(objects_ptr, num_pairs, object_slot_ptr, slot_object_ptr, last_use_ptr, uses_ptr, scores_ptr,
+def page_kernel(objects_ptr, keep_ptr, num_pairs, object_slot_ptr, slot_object_ptr, last_use_ptr, uses_ptr, scores_ptr,
                 clock_ptr, needed_ptr, loads_ptr, pair_slot_ptr, missing_ptr, victims_ptr, count_ptr, index_ptr,
                 num_objects, num_slots, top_k, LFU: tl.constexpr, PREDICTED: tl.constexpr, PAIRS: tl.constexpr,
                 SLOTS: tl.constexpr):
@@ -47,7 +47,10 @@ def page_kernel(objects_ptr, num_pairs, object_slot_ptr, slot_object_ptr, last_u
                         mask=(held[:, None] >= 0) & first[None, :], other=0)
         rank = (tl.sum(score, axis=1) << 32) + rank
     rank = tl.where(held < 0, -1, rank)
-    kept = tl.sum(((held[:, None] == obj[None, :]) & valid[None, :]).to(tl.int32), axis=1) > 0
+    spare = tl.load(keep_ptr + p, mask=in_wave, other=-1).to(tl.int64)  # objects a computing wave still reads
+    spare = tl.where((spare >= 0) & (spare < num_objects), spare, -1)
+    kept = tl.sum((((held[:, None] == obj[None, :]) & valid[None, :]) |
+                   ((held[:, None] == spare[None, :]) & (spare[None, :] >= 0))).to(tl.int32), axis=1) > 0
     rank = tl.where(kept | ~in_group, KEEP, rank)
     ahead = (rank[None, :] < rank[:, None]) | ((rank[None, :] == rank[:, None]) & (s[None, :] < s[:, None]))
     slot_rank = tl.sum(ahead.to(tl.int32), axis=1)  # place in eviction order, ties to the lower slot

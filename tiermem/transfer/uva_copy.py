@@ -64,18 +64,20 @@ class BlockCopier:
             self._grid = (programs * PROGRAMS_PER_SM,)
 
     def copy(self, group: int, objects: torch.Tensor, slots: torch.Tensor, count: torch.Tensor, *,
-             engines: bool = False) -> None:
+             engines: bool = False, programs: int | None = None) -> None:
         """Copy home ``objects[i]`` into slot row ``slots[i]`` of ``group`` for ``i < count[0]`` (all on the device).
         ``engines``: read the list back and copy one block per ``cudaMemcpyAsync`` on the current stream (the copy
         engines, ~5% faster than the kernel on the H100; a host sync, so not capturable: for waves that have
-        synchronised anyway, a prefill's); without the kernel (a CPU) the copier always does."""
+        synchronised anyway, a prefill's); without the kernel (a CPU) the copier always does. ``programs``: the
+        kernel's grid (default ``PROGRAMS_PER_SM`` per SM); fewer leave SMs to kernels running beside the copy."""
         if engines or self._addresses is None:
             listed = int(count)
             for obj, slot in torch.stack([objects[:listed], slots[:listed]]).T.tolist():
                 self.slots[group][slot].copy_(self.homes[group][obj].view(torch.int64), non_blocking=True)
             return
-        _kernel()[self._grid](self._addresses[group], objects, slots, count, self.slots[group],
-                              self.block_bytes[group] // 8, BLOCK=BLOCK_WORDS, num_warps=NUM_WARPS)
+        grid = self._grid if programs is None else (programs,)
+        _kernel()[grid](self._addresses[group], objects, slots, count, self.slots[group], self.block_bytes[group] // 8,
+                        BLOCK=BLOCK_WORDS, num_warps=NUM_WARPS)
 
 
 def _check_home(home: torch.Tensor, block_bytes: int, device: torch.device, group: int, index: int) -> None:
