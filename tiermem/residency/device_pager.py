@@ -95,7 +95,7 @@ class DevicePager:
     def page(self, group: int, objects: torch.Tensor, top_k: int, *, keep: torch.Tensor | None = None) -> PagedWave:
         """Give every pair of ``objects`` (int ``[P]``, ids within ``group``; pair ``i`` is token ``i // top_k``'s)
         a slot; see the module docstring. ``keep`` (int ``[P]``, ids as ``objects``): objects whose slots must not
-        be victims either (a wave still computing while this one's copies run: ``pipelined_waves``)."""
+        be victims either (a wave still computing while this one's copies run: pipelined waves, ``device_layer``)."""
         pairs = objects.reshape(-1).to(device=self.device, dtype=torch.int64)
         kept = pairs if keep is None else keep.reshape(-1).to(device=self.device, dtype=torch.int64)
         if kept.numel() != pairs.numel():
