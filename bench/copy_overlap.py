@@ -8,8 +8,12 @@ of Qwen3-30B-A3B's shape (hidden 2048, intermediate 768, bf16: 9 MiB), this meas
 1. the copy kernel's bandwidth by grid size (programs), 8 experts per launch, against the copy
    engines moving the same bytes (``copy_`` from pinned memory);
 2. per grid size, the copy on one stream beside a wave's grouped GEMMs on another (64 tokens x top-4
-   over 8 slots, repeated ``--gemms`` times), against each alone:
-   ``overlap = (copy alone + compute alone) / together`` (2.0: perfect, 1.0: serialised).
+   over 8 slots, repeated ``--gemms`` times), against each alone, compute alone timed again beside each
+   grid's runs: ``hidden = (copy alone + compute alone - together) / min(copy alone, compute alone)``
+   (1.0: the shorter one hides entirely, 0.0: serialised).
+
+``probe/copy-overlap.jsonl`` in ``bench/results/h100/device-pipelined/`` came from the first version
+(commit 926f535), which timed compute alone once, first, and reported ``(copy + compute) / together``.
 
 Usage (repository root, GPU host)::
 
@@ -76,11 +80,10 @@ def main() -> int:
             compute_wave(hidden, top_k_weights, index, pair_slot.numel(), weights, F.silu, out)
 
     engines_ms = _elapsed_ms(lambda: [slots[i].copy_(homes[i], non_blocking=True) for i in range(EXPERTS)])
-    compute_ms = _elapsed_ms(gemms)
-    records = [{"what": "engines", "gbps": nbytes / engines_ms / 1e6, "ms": engines_ms},
-               {"what": "compute", "ms": compute_ms, "waves": args.gemms}]
+    records = [{"what": "engines", "gbps": nbytes / engines_ms / 1e6, "ms": engines_ms}]
     for programs in GRIDS:
         copy_ms = _elapsed_ms(lambda p=programs: copier.copy(0, rows, rows, count, programs=p))
+        compute_ms = _elapsed_ms(gemms)
 
         def both(p: int = programs) -> None:
             side.wait_stream(compute)
@@ -91,13 +94,15 @@ def main() -> int:
 
         together_ms = _elapsed_ms(both)
         records.append({"what": "copy", "programs": programs, "gbps": nbytes / copy_ms / 1e6, "ms": copy_ms,
-                        "together_ms": together_ms, "overlap": (copy_ms + compute_ms) / together_ms})
+                        "compute_ms": compute_ms, "gemm_waves": args.gemms, "together_ms": together_ms,
+                        "hidden": (copy_ms + compute_ms - together_ms) / min(copy_ms, compute_ms)})
     with Path(args.out).open("w") as sink:
         sink.writelines(json.dumps(record) + "\n" for record in records)
-    print(f"copy engines {records[0]['gbps']:.1f} GB/s; {args.gemms} grouped-GEMM waves alone {compute_ms:.3f} ms")
-    print(f"{'programs':>8} {'GB/s':>6} {'copy ms':>8} {'together ms':>11} {'overlap':>7}")
-    for r in records[2:]:
-        print(f"{r['programs']:>8} {r['gbps']:>6.1f} {r['ms']:>8.3f} {r['together_ms']:>11.3f} {r['overlap']:>7.2f}")
+    print(f"copy engines {records[0]['gbps']:.1f} GB/s; compute: {args.gemms} grouped-GEMM waves")
+    print(f"{'programs':>8} {'GB/s':>6} {'copy ms':>8} {'compute ms':>10} {'together ms':>11} {'hidden':>6}")
+    for r in records[1:]:
+        print(f"{r['programs']:>8} {r['gbps']:>6.1f} {r['ms']:>8.3f} {r['compute_ms']:>10.3f} {r['together_ms']:>11.3f} "
+              f"{r['hidden']:>6.2f}")
     return 0
 
 
