@@ -143,8 +143,7 @@ class DevicePagedLayers:
     def _layer(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The layer's summed output with no host sync: one wave, or waves decided on the device (pipelined or not)."""
-        waves = self._pair_rows if top_k_index.numel() <= self.pager.slots_per_group else \
-            self._pipelined if self.pipelined else self._device_waves
+        waves = self._pair_rows if top_k_index.numel() <= self.pager.slots_per_group else self._device_waves
         return sum_pairs(waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn),
                          hidden.shape[0], hidden.dtype)
 
@@ -169,20 +168,17 @@ class DevicePagedLayers:
         compute_wave(hidden, top_k_weights, wave.index, wave.pair_slot.numel(), weights, act_fn, out)
         return out.masked_fill_((wave.pair_slot < 0).unsqueeze(-1), 0)  # rows past the last slot's are not computed
 
-    def _pipelined(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                   top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``_device_waves`` pipelined: waves of at most half the group's slots (``split_waves``), wave ``w + 1`` paged
-        with wave ``w``'s objects kept and copied on the copy stream (by a quarter of the SMs) while wave ``w``
-        computes; each pair's weighted output ``[T * K, H]``.
+    def _pipelined(self, group: int, hidden: torch.Tensor, top_k_weights: torch.Tensor,
+                   act_fn: Callable[[torch.Tensor], torch.Tensor], objects: torch.Tensor,
+                   members: list[torch.Tensor]) -> torch.Tensor:
+        """``_device_waves``' waves (``members``: each wave's pairs of ``objects``; at most half the group's slots),
+        wave ``w + 1`` paged with wave ``w``'s objects kept and copied on the copy stream (by a quarter of the SMs)
+        while wave ``w`` computes; each pair's weighted output ``[T * K, H]``.
 
         Stream order makes it safe: wave ``w + 1``'s copies overwrite neither wave ``w``'s slots (kept) nor its own,
         and start after every wave before ``w`` computed (the copy stream waits for the compute stream at
         each wave's paging, which is queued after wave ``w - 1``'s compute)."""
-        experts = top_k_index.reshape(-1)
-        objects = self._objects(experts, first_object)
-        wave_of_pair, waves = self.pager.split_waves(group, objects, distinct_max=self.experts_per_layer,
-                                                     wave_objects=self.pager.slots_per_group // 2)
-        members = [wave_of_pair == wave for wave in range(waves)]
+        waves = len(members)
         masked = [torch.where(member, objects, -1) for member in members]
         compute = torch.cuda.current_stream(hidden.device) if self._copies is not None else None
         paged: list[PagedWave] = []  # held until the copy stream rejoins: it reads these tensors
@@ -219,12 +215,18 @@ class DevicePagedLayers:
                       top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """A layer with more routed pairs than its group has slots, in waves decided on the device
         (``DevicePager.split_waves``: resident experts first, then by id, as ``_waves`` orders them; a static
-        ``ceil(min(pairs, experts) / S)`` waves); each pair's weighted output ``[T * K, H]``."""
+        ``ceil(min(pairs, experts) / W)`` waves of ``W`` = the group's slots, or half of them ``pipelined``); each
+        pair's weighted output ``[T * K, H]``."""
         experts = top_k_index.reshape(-1)
         objects = self._objects(experts, first_object)
-        wave_of_pair, waves = self.pager.split_waves(group, objects, distinct_max=self.experts_per_layer)
-        return self._merge_waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn,
-                                 (wave_of_pair == wave for wave in range(waves)), listed=False)
+        wave_of_pair, waves = self.pager.split_waves(
+            group, objects, distinct_max=self.experts_per_layer,
+            wave_objects=self.pager.slots_per_group // 2 if self.pipelined else None)
+        members = [wave_of_pair == wave for wave in range(waves)]
+        if self.pipelined:
+            return self._pipelined(group, hidden, top_k_weights, act_fn, objects, members)
+        return self._merge_waves(group, first_object, hidden, top_k_index, top_k_weights, act_fn, members,
+                                 listed=False)
 
     def _waves(self, group: int, first_object: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

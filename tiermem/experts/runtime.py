@@ -91,9 +91,9 @@ class OffloadConfig:
                  "waves decided on the device (no host sync, captured in its CUDA graph); a larger one (a prefill) "
                  "reads its routing back and runs exactly the waves it needs. 0: always read back.")
     device_pipelined_waves: bool = option(
-        True, help="device pager: split such a decode layer into waves of half its slot group and copy wave w+1 "
-                    "(on a second stream, by a quarter of the SMs) while wave w computes; a layer that fits one wave "
-                    "is one wave either way.")
+        True, help="device pager: run a decode layer whose waves are decided on the device in waves of half its "
+                   "slot group, copying wave w+1 (on a second stream, by a quarter of the SMs) while wave w computes; "
+                   "a layer that fits one wave is one wave either way.")
 
     def __post_init__(self) -> None:
         for name, kind in (("pager", Pager), ("slot_layout", SlotLayout), ("compute", ExpertCompute)):

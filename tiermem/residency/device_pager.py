@@ -106,8 +106,8 @@ class DevicePager:
         slots, count = self.slots_per_group, self.objects_per_group
         obj = torch.where((pairs >= 0) & (pairs < count), pairs, count)
         need = torch.zeros(count + 1, dtype=torch.bool, device=self.device).index_fill_(0, obj, True) & self._real
-        spare = torch.where((kept >= 0) & (kept < count), kept, count)
-        held_back = need.index_fill(0, spare, True) & self._real  # needed now, or by the wave still computing
+        held_back = need if keep is None else need.index_fill(  # needed now, or by the wave still computing
+            0, torch.where((kept >= 0) & (kept < count), kept, count), True) & self._real
         object_slot, slot_object, last_use = self.object_slot[group], self.slot_object[group], self.last_use[group]
         held = slot_object[:slots]
         missed = need[:count] & (object_slot[:count] < 0)
